@@ -1,0 +1,192 @@
+"""The Llama / Qwen2 / Qwen3 decoder as pure functions over a params pytree.
+
+The params pytree mirrors the Hugging Face checkpoint names with the `model.` prefix dropped:
+
+    {"embed_tokens": {"weight": [V, D]},
+     "layers": [{"input_layernorm": {"weight": [D]},
+                 "self_attn": {"q_proj": LINEAR, "k_proj": LINEAR, "v_proj": LINEAR,
+                               "o_proj": LINEAR, ("q_norm", "k_norm": {"weight": [hd]})},
+                 "post_attention_layernorm": {"weight": [D]},
+                 "mlp": {"gate_proj": LINEAR, "up_proj": LINEAR, "down_proj": LINEAR}}, ...],
+     "norm": {"weight": [D]},
+     ("lm_head": {"weight": [V, D]})}        # absent when the embeddings are tied
+
+where LINEAR is either a dense `{"weight": [out, in], ("bias": [out])}` or a
+`QuantizedLinear`, so a quantized model runs through the same code.
+
+Activations run in the params' dtype (float32 or bfloat16); RMSNorm statistics, RoPE
+angles and the attention softmax are always float32, as transformers does.
+
+The full forward is a Python loop over blocks, each a call to one jitted block function:
+the block compiles once and is reused by every layer of the same structure, which keeps
+compile time small on CPU, and lets quantization stages run one block at a time.
+
+Not for: loading weights (`checkpoint.py`), generation with a KV cache, or sharding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpq_jax.models.spec import ModelSpec
+from mpq_jax.packed.qlinear import QuantizedLinear
+
+Params = dict
+
+
+def rope_inverse_frequencies(spec: ModelSpec) -> np.ndarray:
+    """[head_dim // 2] float32 rotation frequencies, with Llama-3.1 / linear rescaling applied.
+
+    Computed in float32 like transformers, so that angles at long positions match it bit for
+    bit rather than drifting by float64-vs-float32 rounding.
+    """
+    dim = spec.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(spec.rope_theta) ** exponents)).astype(np.float32)
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly (Llama 3.1 model card / transformers' `_compute_llama3_parameters`).
+    old_context = np.float32(scaling.original_max_position_embeddings)
+    low_wavelen = old_context / np.float32(scaling.low_freq_factor)
+    high_wavelen = old_context / np.float32(scaling.high_freq_factor)
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    slowed = np.where(wavelen > low_wavelen, inv_freq / np.float32(scaling.factor), inv_freq)
+    smooth = (old_context / wavelen - np.float32(scaling.low_freq_factor)) / np.float32(
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * slowed / np.float32(scaling.factor) + smooth * slowed
+    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(in_band, blended, slowed).astype(np.float32)
+
+
+def rope_tables(inv_freq: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: [T, head_dim] for positions [T] (halves duplicated, transformers' layout)."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, head_dim]; rotates the two halves of head_dim (not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def linear(layer, x: jax.Array) -> jax.Array:
+    """x: [..., in] -> [..., out] through a dense `{"weight", "bias"?}` or a QuantizedLinear."""
+    if isinstance(layer, QuantizedLinear):
+        return layer.apply(x)
+    y = x @ layer["weight"].T
+    if "bias" in layer:
+        y = y + layer["bias"]
+    return y
+
+
+# Query rows per attention chunk. Chunking skips the fully masked upper triangle (about half
+# of the work at 2048 tokens) and keeps the float32 score block small; 256 was fastest on a
+# 2-core CPU among 128/256/512/unchunked.
+ATTENTION_CHUNK = 256
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q kᵀ / sqrt(hd) + causal mask) v, grouped-query.
+
+    q: [B, T, H, hd]; k, v: [B, T, KV, hd] with H a multiple of KV -> [B, T, H, hd].
+    Query heads sharing a key/value head are grouped, so k and v are never repeated.
+    """
+    batch, seq, heads, hd = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, seq, kv_heads, group, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, hd]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+    outputs = []
+    for start in range(0, seq, ATTENTION_CHUNK):
+        stop = min(start + ATTENTION_CHUNK, seq)  # queries [start, stop) see keys [0, stop)
+        scores = jnp.einsum(
+            "bkgtd,bksd->bkgts", q[:, :, :, start:stop], k[:, :, :stop], preferred_element_type=jnp.float32
+        ) * (hd**-0.5)
+        visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(v.dtype)
+        outputs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, :stop]))
+    out = jnp.concatenate(outputs, axis=3)  # [B, KV, G, T, hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, hd)
+
+
+def attention(p: Params, spec: ModelSpec, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Causal grouped-query self-attention. x: [B, T, D] -> [B, T, D]."""
+    batch, seq, _ = x.shape
+    hd, kv_heads = spec.head_dim, spec.num_kv_heads
+    q = linear(p["q_proj"], x).reshape(batch, seq, spec.num_heads, hd)
+    k = linear(p["k_proj"], x).reshape(batch, seq, kv_heads, hd)
+    v = linear(p["v_proj"], x).reshape(batch, seq, kv_heads, hd)
+    if spec.qk_norm:
+        q = rms_norm(q, p["q_norm"]["weight"], spec.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"]["weight"], spec.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = causal_attention(q, k, v).reshape(batch, seq, spec.num_heads * hd)
+    return linear(p["o_proj"], out)
+
+
+def mlp(p: Params, x: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    return linear(p["down_proj"], jax.nn.silu(linear(p["gate_proj"], x)) * linear(p["up_proj"], x))
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def decoder_block(layer: Params, spec: ModelSpec, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """One pre-norm residual block. h: [B, T, D] -> [B, T, D]."""
+    h = h + attention(layer["self_attn"], spec, rms_norm(h, layer["input_layernorm"]["weight"], spec.rms_norm_eps), cos, sin)
+    return h + mlp(layer["mlp"], rms_norm(h, layer["post_attention_layernorm"]["weight"], spec.rms_norm_eps))
+
+
+def lm_head_weight(params: Params, spec: ModelSpec) -> jax.Array:
+    return params["embed_tokens"]["weight"] if spec.tie_word_embeddings else params["lm_head"]["weight"]
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _embed(params_embed: jax.Array, spec: ModelSpec, tokens: jax.Array, inv_freq: jax.Array):
+    cos, sin = rope_tables(inv_freq, jnp.arange(tokens.shape[1]))
+    return params_embed[tokens], cos, sin
+
+
+def final_hidden(params: Params, spec: ModelSpec, tokens: jax.Array) -> jax.Array:
+    """tokens: [B, T] int -> final-normed hidden states [B, T, D]."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(spec))
+    h, cos, sin = _embed(params["embed_tokens"]["weight"], spec, tokens, inv_freq)
+    for layer in params["layers"]:
+        h = decoder_block(layer, spec, h, cos, sin)
+    return rms_norm(h, params["norm"]["weight"], spec.rms_norm_eps)
+
+
+def forward(params: Params, spec: ModelSpec, tokens: jax.Array) -> jax.Array:
+    """tokens: [B, T] int -> logits [B, T, V] in float32."""
+    h = final_hidden(params, spec, tokens)
+    return (h @ lm_head_weight(params, spec).T).astype(jnp.float32)
+
+
+@jax.jit
+def next_token_nll(hidden: jax.Array, head: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Summed negative log-likelihood of tokens[:, 1:] given hidden[:, :-1]. Returns [B] float32.
+
+    Fused with the LM head so that [B, T, V] float32 logits exist only inside one XLA program.
+    """
+    logits = (hidden[:, :-1] @ head.T).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(log_z - target, axis=-1)

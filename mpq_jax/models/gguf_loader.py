@@ -1,0 +1,137 @@
+"""Read a llama.cpp GGUF file into our params layout (dequantized to float32).
+
+The GGUF stores llama.cpp's tensor names and, for Llama, q/k rows permuted so that RoPE's
+rotated pairs are interleaved; we map the names back to Hugging Face's and undo that
+permutation, so the decoder needs no GGUF-specific path. The architecture comes from the
+GGUF metadata (`llama.*` keys), the tokenizer from its `tokenizer.ggml.*` keys through
+transformers.
+
+Not for: writing GGUF, or architectures other than Llama/Qwen2/Qwen3.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpq_jax.errors import CheckpointError, UnsupportedArchitectureError
+from mpq_jax.models.spec import ModelSpec, spec_from_hf_config
+
+log = logging.getLogger(__name__)
+
+_GGUF_ARCH_TO_HF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# llama.cpp's block tensor names -> ours (HF names without the `model.` prefix).
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def hf_config_from_gguf(reader, path: Path) -> dict[str, Any]:
+    """The transformers-style config dict implied by a GGUF file's metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _GGUF_ARCH_TO_HF:
+        raise UnsupportedArchitectureError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(_GGUF_ARCH_TO_HF)}"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        value = _field(reader, f"{arch}.{name}", default)
+        if value is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks '{arch}.{name}'; the file is incomplete")
+        return value
+
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise CheckpointError(f"{path}: GGUF has no 'token_embd.weight' tensor")
+    heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    config = {
+        "architectures": [_GGUF_ARCH_TO_HF[arch]],
+        "vocab_size": int(_field(reader, f"{arch}.vocab_size", int(embed.shape[-1]))),
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(key("context_length")),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if arch == "llama" and any(t.name.endswith("attn_q.bias") for t in reader.tensors):
+        config["attention_bias"] = True
+    return config
+
+
+def unpermute_qk_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation. w: [heads * head_dim, in] (or [heads*head_dim]).
+
+    llama.cpp reorders each head's rows from (two halves of head_dim) to (pairs interleaved);
+    reading rows as [heads, head_dim/2, 2] and swapping the last two axes restores the halves.
+    """
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _our_name(gguf_name: str) -> str | None:
+    match = _BLOCK_RE.match(gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        mapped = _BLOCK_NAMES.get(part)
+        return None if mapped is None else f"layers.{layer}.{mapped}.{kind}"
+    stem, _, kind = gguf_name.rpartition(".")
+    mapped = _GLOBAL_NAMES.get(stem)
+    return None if mapped is None else f"{mapped}.{kind}"
+
+
+def load_gguf(path: Path) -> tuple[dict[str, np.ndarray], ModelSpec, dict[str, Any]]:
+    """Returns (flat float32 tensors by our dotted names, spec, HF-style config dict)."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: GGUF file not found")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises bare ValueError/struct errors on corrupt files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from exc
+    config = hf_config_from_gguf(reader, path)
+    spec = spec_from_hf_config(config, source=str(path))
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        name = _our_name(tensor.name)
+        if name is None:
+            log.warning("%s: ignoring unknown GGUF tensor %s", path, tensor.name)
+            continue
+        weight = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if spec.family == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            weight = unpermute_qk_rows(weight, spec.num_heads)
+        elif spec.family == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            weight = unpermute_qk_rows(weight, spec.num_kv_heads)
+        tensors[name] = weight
+    return tensors, spec, config

