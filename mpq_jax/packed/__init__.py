@@ -1,8 +1,5 @@
 """Packed storage of quantized layers: bit packing, the QuantizedLinear contract, save/load."""
 
-# mpq_jax.quant's methods import this package and qlinear imports mpq_jax.quant.grid;
-# loading the quant package first makes that cycle resolve whichever side is imported first.
-import mpq_jax.quant  # noqa: F401  (isort: skip)
 from mpq_jax.packed.bitpack import pack, packed_words, unpack
 from mpq_jax.packed.io import load_quantized, save_quantized
 from mpq_jax.packed.qlinear import (

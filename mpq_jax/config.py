@@ -1,0 +1,135 @@
+"""The YAML run configuration: parsed once, at the edge, into frozen typed objects.
+
+Every section is a frozen dataclass whose fields carry their meaning in a comment; the
+parser checks each key against the dataclass (unknown keys, wrong types and values outside
+an allowed set raise `ConfigError` naming the dotted field and what is allowed). Inner code
+receives these objects or plain arguments, never raw dicts. The defaults run the default
+model.
+
+Not for: model architecture (see `mpq_jax.models.spec`), or method internals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mpq_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizationConfig:
+    method: Literal["none", "rtn"] = "rtn"  # none: keep the model as loaded; rtn: round-to-nearest
+    bits: int = 4  # bit width of every block linear (2..8)
+    group_size: int = 128  # input columns sharing one scale/zero; the last group may be shorter
+    symmetric: bool = False  # symmetric grid (zero fixed at 2^(bits-1)) instead of min-max
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerplexityConfig:
+    enabled: bool = True  # evaluate WikiText-2 perplexity after quantizing
+    seq_len: int = 2048  # tokens per non-overlapping window
+    max_windows: int = 0  # first K windows only (0 = the whole test text, ~147 windows at 2048)
+    batch_size: int = 1  # windows per forward pass
+    wikitext2_path: str | None = None  # default: $MPQ_SHARED_DIR/data/corpora/wikitext2/wiki.test.txt
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: str = "smollm2-135m-instruct"  # HF directory, .gguf file, or the default model's name
+    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of params and activations
+    output_dir: str = "runs/default"  # where the packed model and the reports are written
+    save_model: bool = True  # write the packed model to output_dir/model
+    quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(repr(v) for v in typing.get_args(annotation))
+    if isinstance(annotation, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_value(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return parse_section(annotation, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if isinstance(annotation, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _check_value(value, inner, where)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is a subclass of int: `bits: true` must not pass as 1.
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_section(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, naming `where.key` in every error."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where + '.' if where else ''}{unknown[0]}: unknown field; allowed fields: {', '.join(fields)}"
+        )
+    values = {name: _check_value(value, hints[name], f"{where + '.' if where else ''}{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Range checks that types alone cannot express."""
+    q = config.quantization
+    if q.method == "rtn" and not 2 <= q.bits <= 8:
+        raise ConfigError(f"quantization.bits: {q.bits} is out of range; RTN supports 2..8")
+    if q.group_size < 1:
+        raise ConfigError(f"quantization.group_size: must be a positive number of columns, got {q.group_size}")
+    ppl = config.eval.perplexity
+    if ppl.seq_len < 2:
+        raise ConfigError(f"eval.perplexity.seq_len: must be at least 2, got {ppl.seq_len}")
+    if ppl.max_windows < 0 or ppl.batch_size < 1:
+        raise ConfigError("eval.perplexity: max_windows must be >= 0 and batch_size >= 1")
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    try:
+        return validate(parse_section(RunConfig, data, ""))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,117 @@
+"""Command line entry: `python -m mpq_jax.quantize --config configs/X.yaml [--output DIR]`.
+
+Runs the stages of a quantization job in order: load the checkpoint, quantize the block
+linears (method `none` or `rtn`), evaluate WikiText-2 perplexity, save the packed model,
+and write `report.json`, `report.md` and `layer_error.png` into the output folder. This is
+the only place where the stages meet; each stage is a function in its own module.
+
+Not for: the methods themselves (mpq_jax.quant) or benchmarks (scripts/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mpq_jax.config import RunConfig, config_to_dict, load_config
+from mpq_jax.errors import MpqError
+from mpq_jax.eval.perplexity import make_windows, perplexity, wikitext2_tokens
+from mpq_jax.models.checkpoint import load_model
+from mpq_jax.models.spec import spec_to_dict
+from mpq_jax.packed.io import save_quantized
+from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_rtn
+from mpq_jax.report import write_report
+
+log = logging.getLogger("mpq_jax")
+
+
+def quantize_params(params: dict, config: RunConfig) -> dict:
+    """The quantization stage: params -> params with QuantizedLinear block linears."""
+    q = config.quantization
+    if q.method == "none":
+        return params
+    if q.method == "rtn":
+        return quantize_model_rtn(params, q.bits, q.group_size, q.symmetric)
+    raise AssertionError(f"config validation let through method {q.method!r}")
+
+
+def run(config: RunConfig, output_dir: Path) -> dict:
+    """Run every stage; returns the report dict (also written to output_dir)."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model = load_model(config.model, dtype=config.dtype)
+    timings["load"] = time.perf_counter() - start
+    log.info("loaded %s: %s, %d layers", model.source, model.spec.family, model.spec.num_layers)
+
+    start = time.perf_counter()
+    params = quantize_params(model.params, config)
+    timings["quantize"] = time.perf_counter() - start
+    stats = linear_stats(model.params, params)
+    report: dict = {
+        "model": model.source,
+        "method": config.quantization.method,
+        "bits_per_weight": average_bits_per_weight(stats),
+        "config": config_to_dict(config),
+        "layers": [s.to_json() for s in stats],
+    }
+
+    ppl_config = config.eval.perplexity
+    if ppl_config.enabled:
+        start = time.perf_counter()
+        tokens = wikitext2_tokens(model.tokenizer, ppl_config.wikitext2_path)
+        windows = make_windows(tokens, ppl_config.seq_len, ppl_config.max_windows)
+        result = perplexity(params, model.spec, windows, batch_size=ppl_config.batch_size)
+        timings["perplexity"] = time.perf_counter() - start
+        report["perplexity"] = result.to_json()
+
+    if config.save_model:
+        start = time.perf_counter()
+        metadata = {
+            "spec": spec_to_dict(model.spec),
+            "hf_config": model.hf_config,
+            "source": model.source,
+            "run_config": config_to_dict(config),
+        }
+        save_quantized(output_dir / "model", params, metadata)
+        timings["save"] = time.perf_counter() - start
+        report["packed_model"] = str(output_dir / "model")
+    report["seconds"] = timings
+    write_report(output_dir, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mpq_jax.quantize",
+        description="Quantize a Llama/Qwen checkpoint, evaluate it, and save the packed model.",
+    )
+    parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
+    parser.add_argument("--output", help="output folder (default: the config's output_dir)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+        if args.output:
+            config = dataclasses.replace(config, output_dir=args.output)
+        report = run(config, Path(config.output_dir))
+    except MpqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    line = f"method={report['method']} bits/weight={report['bits_per_weight']:.3f}"
+    if "perplexity" in report:
+        line += f" wikitext2 ppl@{report['perplexity']['seq_len']}={report['perplexity']['ppl']:.4f}"
+    print(line)
+    print(f"report: {Path(config.output_dir) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

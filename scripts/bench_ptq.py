@@ -1,0 +1,101 @@
+"""PTQ quality table on the default model: method, bits, group size, BPW, WikiText-2 PPL, time.
+
+    python scripts/bench_ptq.py [--windows 8] [--seq-len 2048] [--json PATH] [--model M]
+
+Every row is scored on the same first K windows of 2048 tokens (`--windows 0` = the whole
+test text), so rows compare methods, not text. Rows: FP (the model as loaded) and RTN at
+8/4/3/2 bits with group sizes 128 and 64. Writes a JSON list of rows with keys `method`,
+`bits`, `group_size`, `bpw`, `ppl`, `seconds` (quantize + evaluate), and a PNG of PPL
+against BPW beside it. Later methods add rows through `ROWS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mpq_jax.eval.perplexity import make_windows, perplexity, wikitext2_tokens
+from mpq_jax.models.checkpoint import DEFAULT_MODEL, load_model
+from mpq_jax.output import atomic_write_text
+from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_rtn
+
+# (method, bits, group_size); bits/group of the FP row describe the model as loaded.
+ROWS = [("fp", 32, 0)] + [("rtn", bits, group) for bits in (8, 4, 3, 2) for group in (128, 64)]
+
+
+def quantize_row(params: dict, method: str, bits: int, group_size: int) -> dict:
+    if method == "fp":
+        return params
+    if method == "rtn":
+        return quantize_model_rtn(params, bits, group_size)
+    raise ValueError(f"unknown method {method}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fp = [r for r in rows if r["method"] == "fp"]
+    for group in sorted({r["group_size"] for r in rows if r["method"] != "fp"}):
+        pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["method"] != "fp" and r["group_size"] == group)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"RTN g{group}")
+    if fp:
+        ax.axhline(fp[0]["ppl"], color="k", linestyle="--", label="FP (as loaded)")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (block linears)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--windows", type=int, default=8, help="first K windows (0 = whole text)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--json", default="runs/bench_ptq.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    model = load_model(args.model)
+    windows = make_windows(wikitext2_tokens(model.tokenizer), args.seq_len, args.windows)
+    rows = []
+    header = f"{'method':<8}{'bits':>5}{'group':>7}{'bpw':>8}{'ppl':>11}{'seconds':>9}"
+    print(f"model: {model.source}; {len(windows)} windows of {args.seq_len} tokens")
+    print(header)
+    for method, bits, group_size in ROWS:
+        start = time.perf_counter()
+        params = quantize_row(model.params, method, bits, group_size)
+        bpw = average_bits_per_weight(linear_stats(model.params, params))
+        result = perplexity(params, model.spec, windows, progress=False)
+        row = {
+            "method": method,
+            "bits": bits,
+            "group_size": group_size,
+            "bpw": bpw,
+            "ppl": result.ppl,
+            "seconds": time.perf_counter() - start,
+            "windows": len(windows),
+            "seq_len": args.seq_len,
+        }
+        rows.append(row)
+        print(f"{method:<8}{bits:>5}{group_size:>7}{bpw:>8.3f}{result.ppl:>11.4f}{row['seconds']:>9.1f}", flush=True)
+    json_path = Path(args.json)
+    atomic_write_text(json_path, json.dumps(rows, indent=2) + "\n")
+    plot(rows, json_path.with_suffix(".png"))
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""GGUF reading: the q/k row un-permutation, and the real default model's GGUF.
+
+llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders each head's
+q/k rows so that RoPE's rotated pairs are adjacent; `unpermute_qk_rows` must undo exactly
+that. The forward permutation is restated here from the converter, not imported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpq_jax.models.gguf_loader import unpermute_qk_rows
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp: rows as [heads, 2, head_dim/2], swap the last two of those axes."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize(
+    "heads, shape",
+    [(9, (9 * 64, 24)), (3, (3 * 64, 24)), (3, (3 * 64,))],
+    ids=["q-weight", "k-weight", "k-bias"],
+)
+def test_unpermute_inverts_llama_cpp_permutation(heads, shape):
+    w = np.random.default_rng(heads).standard_normal(shape).astype(np.float32)
+    permuted = llama_cpp_permute(w, heads)
+    assert not np.array_equal(permuted, w)  # the permutation is not trivially the identity
+    np.testing.assert_array_equal(unpermute_qk_rows(permuted, heads), w)
+
+    # What the permutation means: in head h, stored row 2i is HF row i and row 2i+1 is
+    # HF row i + head_dim/2 (the two halves RoPE rotates together, interleaved).
+    head_dim = shape[0] // heads
+    h, i = heads - 1, 5
+    np.testing.assert_array_equal(permuted[h * head_dim + 2 * i], w[h * head_dim + i])
+    np.testing.assert_array_equal(permuted[h * head_dim + 2 * i + 1], w[h * head_dim + i + head_dim // 2])
+
+
+@pytest.mark.slow
+def test_default_model_gguf_reads_as_smollm2(default_model):
+    """The default GGUF gives SmolLM2-135M's architecture and finite float32 tensors."""
+    spec = default_model.spec
+    assert spec.family == "llama"
+    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads) == (30, 576, 9, 3)
+    assert (spec.head_dim, spec.intermediate_size, spec.vocab_size) == (64, 1536, 49152)
+    assert spec.tie_word_embeddings and spec.rope_scaling is None
+    assert spec.rope_theta == 1e5
+    assert "lm_head" not in default_model.params
+
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(default_model.params)
+    assert len(leaves) == 2 + 9 * 30  # embedding, final norm; 2 norms + 7 linears per block
+    for path, leaf in leaves:
+        assert leaf.dtype == np.float32, jax.tree_util.keystr(path)
+        assert bool(np.isfinite(np.asarray(leaf)).all()), jax.tree_util.keystr(path)
