@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from mpq_jax.config import RunConfig, config_to_dict, load_config
-from mpq_jax.errors import MpqError
+from mpq_jax.errors import ConfigError, MpqError
 from mpq_jax.eval.perplexity import make_windows, perplexity, wikitext2_tokens
 from mpq_jax.models.checkpoint import load_model
 from mpq_jax.models.spec import spec_to_dict
@@ -61,6 +61,11 @@ def run(config: RunConfig, output_dir: Path) -> dict:
 
     ppl_config = config.eval.perplexity
     if ppl_config.enabled:
+        if model.tokenizer is None:
+            raise ConfigError(
+                f"eval.perplexity: {model.source} has no tokenizer to read WikiText-2 with; "
+                "add one to the checkpoint or set eval.perplexity.enabled: false"
+            )
         start = time.perf_counter()
         tokens = wikitext2_tokens(model.tokenizer, ppl_config.wikitext2_path)
         windows = make_windows(tokens, ppl_config.seq_len, ppl_config.max_windows)
@@ -76,7 +81,9 @@ def run(config: RunConfig, output_dir: Path) -> dict:
             "source": model.source,
             "run_config": config_to_dict(config),
         }
-        save_quantized(output_dir / "model", params, metadata)
+        # The tokenizer travels with the packed model so that it loads on its own.
+        save_tokenizer = None if model.tokenizer is None else (lambda folder: model.tokenizer.save_pretrained(str(folder)))
+        save_quantized(output_dir / "model", params, metadata, extra_files=save_tokenizer)
         timings["save"] = time.perf_counter() - start
         report["packed_model"] = str(output_dir / "model")
     report["seconds"] = timings

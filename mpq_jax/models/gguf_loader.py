@@ -65,6 +65,19 @@ def hf_config_from_gguf(reader, path: Path) -> dict[str, Any]:
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise CheckpointError(f"{path}: GGUF has no 'token_embd.weight' tensor")
+    # llama.cpp stores Llama-3.1's rope scaling as a per-frequency `rope_freqs` tensor, and
+    # other schemes under `rope.scaling.*`; only plain linear scaling maps onto our spec.
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise UnsupportedArchitectureError(
+            f"{path}: GGUF rope frequency factors (rope_freqs, Llama-3.1 style) are not supported; "
+            "load the model's Hugging Face directory instead"
+        )
+    scaling_type = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling_type not in ("none", "linear"):
+        raise UnsupportedArchitectureError(
+            f"{path}: GGUF rope scaling '{scaling_type}' is not supported (supported: none, linear); "
+            "load the model's Hugging Face directory instead"
+        )
     heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
     config = {
@@ -83,6 +96,8 @@ def hf_config_from_gguf(reader, path: Path) -> dict[str, Any]:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
     }
+    if scaling_type == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     if arch == "llama" and any(t.name.endswith("attn_q.bias") for t in reader.tensors):
         config["attention_bias"] = True
     return config

@@ -50,8 +50,12 @@ MANIFEST_FILE = "mpq_manifest.json"
 # ----------------------------------------------------------------------------- saving
 
 
-def save_quantized(directory, params, metadata: dict) -> None:
-    """Write `params` and JSON-serializable `metadata` to `directory` atomically."""
+def save_quantized(directory, params, metadata: dict, extra_files: Callable[[Path], None] | None = None) -> None:
+    """Write `params` and JSON-serializable `metadata` to `directory` atomically.
+
+    `extra_files(folder)` may add more files (e.g. the tokenizer) to the checkpoint folder
+    before it is renamed into place, so they share the all-or-nothing guarantee.
+    """
     target = Path(directory)
     if not isinstance(params, (dict, list, tuple)):
         raise CheckpointError(f"params must be a dict or list at its root, got {type(params).__name__}")
@@ -75,6 +79,8 @@ def save_quantized(directory, params, metadata: dict) -> None:
         (tmp / MANIFEST_FILE).write_text(manifest_text)
         for name in (TENSORS_FILE, MANIFEST_FILE):
             _fsync(tmp / name)
+        if extra_files is not None:
+            extra_files(tmp)
 
     _replace_dir_atomically(target, write)
 
