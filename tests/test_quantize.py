@@ -24,7 +24,7 @@ def packed_leaves(params):
 
 def test_tiny_checkpoint_end_to_end(tmp_path):
     pytest.importorskip("torch")
-    from tests.models.test_parity import write_tiny_checkpoint
+    from tests.tiny_checkpoints import write_tiny_checkpoint
 
     source = tmp_path / "tiny"
     write_tiny_checkpoint("qwen2", source, sharded=True)

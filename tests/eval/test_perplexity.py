@@ -34,7 +34,7 @@ def reference_ppl(params, spec, windows) -> float:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     pytest.importorskip("torch")
-    from tests.models.test_parity import write_tiny_checkpoint
+    from tests.tiny_checkpoints import write_tiny_checkpoint
 
     directory = tmp_path_factory.mktemp("tiny")
     write_tiny_checkpoint("llama", directory, sharded=False)

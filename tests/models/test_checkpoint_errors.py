@@ -21,11 +21,11 @@ from mpq_jax.models.checkpoint import DEFAULT_MODEL, load_model
 @pytest.fixture(scope="module")
 def pristine_checkpoints(tmp_path_factory):
     """{"single": dir, "sharded": dir}: tiny valid Llama checkpoints, written once per module."""
-    test_parity = pytest.importorskip("test_parity")  # needs torch + transformers
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")  # needs torch + transformers
     dirs = {}
     for layout in ("single", "sharded"):
         dirs[layout] = tmp_path_factory.mktemp(f"pristine-{layout}")
-        test_parity.write_tiny_checkpoint("llama", dirs[layout], sharded=layout == "sharded")
+        tiny_checkpoints.write_tiny_checkpoint("llama", dirs[layout], sharded=layout == "sharded")
     return dirs
 
 

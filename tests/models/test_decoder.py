@@ -188,9 +188,9 @@ def tiny_llama_dir(tmp_path_factory):
 
     Written by transformers through the parity test's helper (skips without torch).
     """
-    test_parity = pytest.importorskip("test_parity")
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
     directory = tmp_path_factory.mktemp("tiny-llama-bias")
-    test_parity.write_tiny_checkpoint("llama-tied-bias", directory, sharded=False)
+    tiny_checkpoints.write_tiny_checkpoint("llama-tied-bias", directory, sharded=False)
     return directory
 
 
