@@ -12,25 +12,17 @@ import pytest
 
 from mpq_jax.quant.grid import FP16_TINY
 from mpq_jax.quant.rtn import rtn_quantize
+from tests.quant.test_grid import reference_params
 
 TIE_WINDOW = 1e-4
 
 
 def reference_rtn_params(w, bits, group_size, symmetric):
     """float64 (scale, zero) per group, the scale rounded to fp16 as it is stored."""
-    w = w.astype(np.float64)
-    maxq = 2**bits - 1
     scales, zeros = [], []
     for g0 in range(0, w.shape[1], group_size):
-        group = w[:, g0 : g0 + group_size]
-        xmin, xmax = np.minimum(group.min(1), 0), np.maximum(group.max(1), 0)
-        if symmetric:
-            xmax = np.maximum(-xmin, xmax)
-            xmin = -xmax
-        flat = (xmin == 0) & (xmax == 0)
-        xmin, xmax = np.where(flat, -1, xmin), np.where(flat, 1, xmax)
-        scale = (xmax - xmin) / maxq
-        zeros.append(np.full_like(scale, 2 ** (bits - 1)) if symmetric else np.round(-xmin / scale))
+        scale, zero = reference_params(w[:, g0 : g0 + group_size], bits, symmetric)
+        zeros.append(zero)
         scales.append(np.maximum(scale, FP16_TINY).astype(np.float16).astype(np.float64))
     return np.stack(scales, 1), np.stack(zeros, 1)
 
