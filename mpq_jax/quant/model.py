@@ -32,16 +32,38 @@ def iter_block_linears(params: dict) -> Iterator[tuple[str, int, str, str, objec
             yield linear_name(index, module, name), index, module, name, layer[module][name]
 
 
-def replace_block_linears(params: dict, quantize_one: Callable[[str, dict], object], desc: str = "quantize") -> dict:
-    """A new params tree with every dense block linear replaced by `quantize_one(name, dense)`."""
+def replace_block_linears(
+    params: dict, quantize_one: Callable[[str, object], object], desc: str = "quantize", progress: bool = True
+) -> dict:
+    """A new params tree with every block linear replaced by `quantize_one(name, linear)`."""
     layers = [
         {key: (dict(value) if isinstance(value, dict) else value) for key, value in layer.items()}
         for layer in params["layers"]
     ]
     items = list(iter_block_linears(params))
-    for full_name, index, module, name, dense in tqdm(items, desc=desc, unit="linear"):
+    for full_name, index, module, name, dense in tqdm(items, desc=desc, unit="linear", disable=not progress):
         layers[index][module][name] = quantize_one(full_name, dense)
     return {**params, "layers": layers}
+
+
+def dequantized_params(params: dict) -> dict:
+    """Params with every QuantizedLinear replaced by its dense effective weight (and bias).
+
+    The fake-quantized model computes the same function; on CPU a dense matmul is faster
+    than unpacking codes in every forward pass, so evaluation runs on this form. The dtype
+    follows the embedding's, so bfloat16 models stay bfloat16.
+    """
+    dtype = params["embed_tokens"]["weight"].dtype
+
+    def dense(_, layer):
+        if not isinstance(layer, QuantizedLinear):
+            return layer
+        out = {"weight": layer.effective_weight(dtype)}
+        if layer.bias is not None:
+            out["bias"] = layer.bias.astype(dtype)
+        return out
+
+    return replace_block_linears(params, dense, desc="dequantize", progress=False)
 
 
 def quantize_model_rtn(params: dict, bits: int, group_size: int, symmetric: bool = False) -> dict:
