@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     windows = make_windows(wikitext2_tokens(model.tokenizer), args.seq_len, args.windows)
     rows = []
-    header = f"{'method':<8}{'bits':>5}{'group':>7}{'bpw':>8}{'ppl':>11}{'seconds':>9}"
+    header = f"{'method':<8}{'bits':>5}{'group':>7}{'bpw':>8}{'ppl':>14}{'seconds':>9}"
     print(f"model: {model.source}; {len(windows)} windows of {args.seq_len} tokens")
     print(header)
     for method, bits, group_size in ROWS:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len,
         }
         rows.append(row)
-        print(f"{method:<8}{bits:>5}{group_size:>7}{bpw:>8.3f}{result.ppl:>11.4f}{row['seconds']:>9.1f}", flush=True)
+        print(f"{method:<8}{bits:>5}{group_size:>7}{bpw:>8.3f}{result.ppl:>14.4f}{row['seconds']:>9.1f}", flush=True)
     json_path = Path(args.json)
     atomic_write_text(json_path, json.dumps(rows, indent=2) + "\n")
     plot(rows, json_path.with_suffix(".png"))
