@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpq_jax.errors import CheckpointError, ConfigError
-from mpq_jax.models.gguf_loader import load_gguf
+from mpq_jax.models.gguf_loader import gguf_tokenizer, load_gguf
 from mpq_jax.models.spec import ModelSpec, spec_from_dict, spec_from_hf_config
 from mpq_jax.packed.io import MANIFEST_FILE, load_quantized
 from mpq_jax.packed.qlinear import QuantizedLinear
@@ -173,13 +173,13 @@ def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     return root / "tokenizers" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
 
 
-def _gguf_tokenizer(path: Path):
+def _cached_gguf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     cache = _tokenizer_cache_dir(path)
     if (cache / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(cache))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = gguf_tokenizer(path)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
@@ -203,7 +203,7 @@ def load_tokenizer(path: Path):
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(str(path))
-        return _gguf_tokenizer(path)
+        return _cached_gguf_tokenizer(path)
     except Exception as exc:  # transformers raises many types for a missing/corrupt tokenizer
         raise CheckpointError(f"{path}: cannot load its tokenizer ({exc})") from exc
 

@@ -103,6 +103,45 @@ def hf_config_from_gguf(reader, path: Path) -> dict[str, Any]:
     return config
 
 
+# Special tokens named by id in GGUF metadata -> tokenizer attribute.
+_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer a GGUF's `tokenizer.ggml.*` metadata describes, as a transformers fast tokenizer.
+
+    transformers' `AutoTokenizer.from_pretrained(..., gguf_file=)` reads the metadata with a
+    reader that imports torch; we read it with the `gguf` package instead and hand it to
+    transformers' own converter, so the result is the same tokenizer without needing torch.
+    """
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    reader = gguf.GGUFReader(str(path))
+    metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise CheckpointError(f"{path}: GGUF has no tokenizer metadata (tokenizer.ggml.tokens)")
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
+
 def unpermute_qk_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation. w: [heads * head_dim, in] (or [heads*head_dim]).
 

@@ -55,3 +55,21 @@ def test_default_model_gguf_reads_as_smollm2(default_model):
     for path, leaf in leaves:
         assert leaf.dtype == np.float32, jax.tree_util.keystr(path)
         assert bool(np.isfinite(np.asarray(leaf)).all()), jax.tree_util.keystr(path)
+
+
+@pytest.mark.slow
+def test_tokenizer_cache_round_trip(default_model, shared_dir, tmp_path, monkeypatch):
+    """The tokenizer converted from GGUF metadata and the one reloaded from the cache agree."""
+    from pathlib import Path
+
+    from mpq_jax.models.checkpoint import CACHE_ENV, load_tokenizer
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    text = (shared_dir / "data/corpora/sources/code/heldout.jsonl").read_text()[:3000]
+    fresh = load_tokenizer(Path(default_model.source))  # converts, then writes the cache
+    assert list(tmp_path.glob("tokenizers/*/tokenizer.json"))
+    cached = load_tokenizer(Path(default_model.source))
+    ids = fresh(text, add_special_tokens=False)["input_ids"]
+    assert ids == cached(text, add_special_tokens=False)["input_ids"]
+    assert ids == default_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (fresh.bos_token, fresh.eos_token) == (cached.bos_token, cached.eos_token)
