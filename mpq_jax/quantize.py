@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mpq_jax.config import RunConfig, config_to_dict, load_config
 from mpq_jax.errors import ConfigError, MpqError
-from mpq_jax.eval.perplexity import make_windows, perplexity, wikitext2_tokens
+from mpq_jax.eval.perplexity import make_windows, perplexity, resolve_wikitext2_path, wikitext2_tokens
 from mpq_jax.models.checkpoint import load_model
 from mpq_jax.models.spec import spec_to_dict
 from mpq_jax.packed.io import save_quantized
@@ -42,6 +42,9 @@ def quantize_params(params: dict, config: RunConfig) -> dict:
 def run(config: RunConfig, output_dir: Path) -> dict:
     """Run every stage; returns the report dict (also written to output_dir)."""
     timings: dict[str, float] = {}
+    ppl_config = config.eval.perplexity
+    # Find the evaluation text before spending a minute on loading and quantizing.
+    wikitext_path = resolve_wikitext2_path(ppl_config.wikitext2_path) if ppl_config.enabled else None
     start = time.perf_counter()
     model = load_model(config.model, dtype=config.dtype)
     timings["load"] = time.perf_counter() - start
@@ -59,7 +62,6 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         "layers": [s.to_json() for s in stats],
     }
 
-    ppl_config = config.eval.perplexity
     if ppl_config.enabled:
         if model.tokenizer is None:
             raise ConfigError(
@@ -67,7 +69,7 @@ def run(config: RunConfig, output_dir: Path) -> dict:
                 "add one to the checkpoint or set eval.perplexity.enabled: false"
             )
         start = time.perf_counter()
-        tokens = wikitext2_tokens(model.tokenizer, ppl_config.wikitext2_path)
+        tokens = wikitext2_tokens(model.tokenizer, wikitext_path)
         windows = make_windows(tokens, ppl_config.seq_len, ppl_config.max_windows)
         result = perplexity(params, model.spec, windows, batch_size=ppl_config.batch_size)
         timings["perplexity"] = time.perf_counter() - start

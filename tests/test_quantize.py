@@ -90,3 +90,16 @@ def test_default_model_rtn_4bit_cli_and_reload(tmp_path, default_model, wikitext
     fp = perplexity(default_model.params, default_model.spec, windows, progress=False)
     assert fp.ppl < again.ppl < 2 * fp.ppl
     assert 4.1 < report["bits_per_weight"] < 4.25
+
+
+def test_missing_evaluation_text_fails_before_loading(tmp_path, capsys, monkeypatch):
+    import mpq_jax.quantize as cli
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing text was reported")
+
+    monkeypatch.setattr(cli, "load_model", must_not_load)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"eval:\n  perplexity:\n    wikitext2_path: {tmp_path / 'absent.txt'}\n")
+    assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    assert "absent.txt" in capsys.readouterr().err

@@ -48,11 +48,16 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
 
 
-def wikitext2_tokens(tokenizer, path: Path | None = None) -> np.ndarray:
+def resolve_wikitext2_path(path: str | Path | None = None) -> Path:
+    """The WikiText-2 test text to use; raises ConfigError at once when it is missing."""
     path = Path(path) if path is not None else wikitext2_test_path()
     if not path.is_file():
-        raise ConfigError(f"WikiText-2 test text not found at {path}; set MPQ_SHARED_DIR or eval.wikitext2_path")
-    return tokenize_text(tokenizer, path.read_text(encoding="utf-8"))
+        raise ConfigError(f"WikiText-2 test text not found at {path}; set MPQ_SHARED_DIR or eval.perplexity.wikitext2_path")
+    return path
+
+
+def wikitext2_tokens(tokenizer, path: str | Path | None = None) -> np.ndarray:
+    return tokenize_text(tokenizer, resolve_wikitext2_path(path).read_text(encoding="utf-8"))
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
