@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on the real model (tiny slices) and write the JSON
+their docstrings promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_eval_ppl_with_torch_comparison(tmp_path, default_model, shared_dir, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "ppl.json"
+    assert load_script("eval_ppl").main(["--seq-len", "128", "--max-windows", "2", "--compare-torch", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert (row["seq_len"], row["windows"]) == (128, 2)
+    assert abs(row["ppl"] - row["torch_ppl"]) / row["torch_ppl"] < 1e-3
+    assert row["tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0
+    assert "transformers (torch)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_ptq_rows(tmp_path, default_model, shared_dir):
+    out = tmp_path / "bench.json"
+    assert load_script("bench_ptq").main(["--windows", "1", "--seq-len", "64", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["bits"], r["group_size"]) for r in rows] == load_script("bench_ptq").ROWS
+    assert all({"method", "bits", "group_size", "bpw", "ppl", "seconds"} <= set(r) for r in rows)
+    by_key = {(r["method"], r["bits"], r["group_size"]): r for r in rows}
+    # fewer bits never store more, and 8-bit RTN stays close to FP even on one short window
+    assert by_key[("rtn", 2, 128)]["bpw"] < by_key[("rtn", 4, 128)]["bpw"] < by_key[("rtn", 8, 128)]["bpw"]
+    assert by_key[("rtn", 8, 64)]["ppl"] == pytest.approx(by_key[("fp", 32, 0)]["ppl"], rel=0.05)
+    assert out.with_suffix(".png").stat().st_size > 0
