@@ -22,7 +22,8 @@ def packed_leaves(params):
     return [np.asarray(a) for ql in qlinears for a in jax.tree_util.tree_leaves(ql)]
 
 
-def test_tiny_checkpoint_end_to_end(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_checkpoint_end_to_end(tmp_path, dtype):
     pytest.importorskip("torch")
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
@@ -30,7 +31,7 @@ def test_tiny_checkpoint_end_to_end(tmp_path):
     write_tiny_checkpoint("qwen2", source, sharded=True)
     config = tmp_path / "run.yaml"
     config.write_text(
-        f"model: {source}\nquantization:\n  method: rtn\n  bits: 3\n  group_size: 32\n"
+        f"model: {source}\ndtype: {dtype}\nquantization:\n  method: rtn\n  bits: 3\n  group_size: 32\n"
         "eval:\n  perplexity:\n    enabled: false\n"
     )
     out = tmp_path / "out"
@@ -40,8 +41,9 @@ def test_tiny_checkpoint_end_to_end(tmp_path):
     assert 3.0 < report["bits_per_weight"] < 4.5  # 3-bit codes + fp16 scales + zeros + fp16 q/k/v bias
     assert (out / "report.md").is_file() and (out / "layer_error.png").stat().st_size > 0
 
-    original = load_model(source, with_tokenizer=False)
-    reloaded = load_model(out / "model", with_tokenizer=False)
+    original = load_model(source, dtype=dtype, with_tokenizer=False)
+    reloaded = load_model(out / "model", dtype=dtype, with_tokenizer=False)
+    assert reloaded.params["embed_tokens"]["weight"].dtype == jnp.dtype(dtype)
     assert reloaded.spec == original.spec
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, original.spec.vocab_size, (1, 33)))
     from mpq_jax.quant.model import quantize_model_rtn
