@@ -127,6 +127,11 @@ def _rope_settings(config: Mapping[str, Any], source: str) -> tuple[float, RopeS
     # transformers 5 folds theta and scaling into `rope_parameters`; 4.x keeps them apart.
     params = dict(config.get("rope_parameters") or {})
     scaling = dict(config.get("rope_scaling") or {})
+    conflicts = sorted(key for key in set(params) & set(scaling) if params[key] != scaling[key])
+    if conflicts:
+        raise ConfigError(
+            f"{source}: rope_parameters and rope_scaling disagree on {', '.join(conflicts)}; keep one of them"
+        )
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
