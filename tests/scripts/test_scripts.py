@@ -43,3 +43,12 @@ def test_bench_ptq_rows(tmp_path, default_model, shared_dir):
     assert by_key[("rtn", 2, 128)]["bpw"] < by_key[("rtn", 4, 128)]["bpw"] < by_key[("rtn", 8, 128)]["bpw"]
     assert by_key[("rtn", 8, 64)]["ppl"] == pytest.approx(by_key[("fp", 32, 0)]["ppl"], rel=0.05)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_attention_agrees_with_torch(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "attention.json"
+    assert load_script("bench_attention").main(["--seq-len", "300", "--repeats", "2", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    # float32 softmax-weighted sums of unit-normal values: differences at rounding level
+    assert row["max_abs_difference"] < 1e-4 and row["mpq_jax_s"] > 0 and row["torch_sdpa_s"] > 0
