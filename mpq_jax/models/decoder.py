@@ -134,8 +134,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, hd)
 
 
-def attention(p: Params, spec: ModelSpec, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Causal grouped-query self-attention. x: [B, T, D] -> [B, T, D]."""
+def attention(p: Params, spec: ModelSpec, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Causal grouped-query self-attention. x: [B, T, D] -> (output [B, T, D], o_proj input [B, T, H*hd])."""
     batch, seq, _ = x.shape
     hd, kv_heads = spec.head_dim, spec.num_kv_heads
     q = linear(p["q_proj"], x).reshape(batch, seq, spec.num_heads, hd)
@@ -145,20 +145,45 @@ def attention(p: Params, spec: ModelSpec, x: jax.Array, cos: jax.Array, sin: jax
         q = rms_norm(q, p["q_norm"]["weight"], spec.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], spec.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = causal_attention(q, k, v).reshape(batch, seq, spec.num_heads * hd)
-    return linear(p["o_proj"], out)
+    context = causal_attention(q, k, v).reshape(batch, seq, spec.num_heads * hd)
+    return linear(p["o_proj"], context), context
 
 
-def mlp(p: Params, x: jax.Array) -> jax.Array:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-    return linear(p["down_proj"], jax.nn.silu(linear(p["gate_proj"], x)) * linear(p["up_proj"], x))
+def mlp(p: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SwiGLU: down(silu(gate(x)) * up(x)). Returns (output, down_proj input)."""
+    hidden = jax.nn.silu(linear(p["gate_proj"], x)) * linear(p["up_proj"], x)
+    return linear(p["down_proj"], hidden), hidden
+
+
+# The four distinct inputs of a block's seven linears (q/k/v share one, gate/up share one),
+# by the name of what feeds them. Quantizers' Hessians are built from these.
+LINEAR_INPUTS = ("attn_in", "o_proj_in", "mlp_in", "down_proj_in")
+LINEAR_INPUT_OF = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "o_proj_in",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "down_proj_in",
+}
+
+
+def block_forward(layer: Params, spec: ModelSpec, h: jax.Array, cos: jax.Array, sin: jax.Array):
+    """One pre-norm residual block. h: [B, T, D] -> (h' [B, T, D], {LINEAR_INPUTS name: array})."""
+    attn_in = rms_norm(h, layer["input_layernorm"]["weight"], spec.rms_norm_eps)
+    attn_out, o_proj_in = attention(layer["self_attn"], spec, attn_in, cos, sin)
+    h = h + attn_out
+    mlp_in = rms_norm(h, layer["post_attention_layernorm"]["weight"], spec.rms_norm_eps)
+    mlp_out, down_proj_in = mlp(layer["mlp"], mlp_in)
+    inputs = {"attn_in": attn_in, "o_proj_in": o_proj_in, "mlp_in": mlp_in, "down_proj_in": down_proj_in}
+    return h + mlp_out, inputs
 
 
 @functools.partial(jax.jit, static_argnames="spec")
 def decoder_block(layer: Params, spec: ModelSpec, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """One pre-norm residual block. h: [B, T, D] -> [B, T, D]."""
-    h = h + attention(layer["self_attn"], spec, rms_norm(h, layer["input_layernorm"]["weight"], spec.rms_norm_eps), cos, sin)
-    return h + mlp(layer["mlp"], rms_norm(h, layer["post_attention_layernorm"]["weight"], spec.rms_norm_eps))
+    """One block's output only (XLA drops the unused linear inputs)."""
+    return block_forward(layer, spec, h, cos, sin)[0]
 
 
 def lm_head_weight(params: Params, spec: ModelSpec) -> jax.Array:

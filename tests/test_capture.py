@@ -1,0 +1,96 @@
+"""Sequential capture: the captured tensors are exactly what feeds each linear, Hessians
+match a float64 reference, pooling equals capturing all sources at once, and block i+1
+sees the outputs of the (quantized) block i."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpq_jax.capture import (
+    block_hessians,
+    block_outputs,
+    embed_tokens,
+    pooled_hessians,
+    rope_for,
+    sequential_quantize,
+)
+from mpq_jax.models.decoder import LINEAR_INPUT_OF, LINEAR_INPUTS, block_forward, linear, rms_norm
+from mpq_jax.quant.model import quantize_model_rtn
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
+    from mpq_jax.models import load_model
+
+    directory = tmp_path_factory.mktemp("tiny")
+    tiny_checkpoints.write_tiny_checkpoint("qwen3", directory, sharded=False)
+    return load_model(directory, with_tokenizer=False)
+
+
+def tokens(tiny, n, seq, seed):
+    return np.random.default_rng(seed).integers(0, tiny.spec.vocab_size, (n, seq)).astype(np.int32)
+
+
+def test_captured_inputs_are_what_feeds_each_linear(tiny):
+    spec, layer = tiny.spec, tiny.params["layers"][0]
+    h = embed_tokens(tiny.params["embed_tokens"]["weight"], jnp.asarray(tokens(tiny, 2, 20, 0)))
+    cos, sin = rope_for(spec, 20)
+    out, inputs = block_forward(layer, spec, h, cos, sin)
+    assert set(inputs) == set(LINEAR_INPUTS) == set(LINEAR_INPUT_OF.values())
+    # Rebuild the block from the captured tensors: if any were not the true linear inputs,
+    # the residual stream would not close.
+    h_mid = h + linear(layer["self_attn"]["o_proj"], inputs["o_proj_in"])
+    np.testing.assert_allclose(np.asarray(inputs["mlp_in"]), np.asarray(rms_norm(h_mid, layer["post_attention_layernorm"]["weight"], spec.rms_norm_eps)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(h_mid + linear(layer["mlp"]["down_proj"], inputs["down_proj_in"])), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(inputs["attn_in"]), np.asarray(rms_norm(h, layer["input_layernorm"]["weight"], spec.rms_norm_eps)))
+
+
+def test_hessians_match_float64_reference_and_ignore_batching(tiny):
+    spec, layer = tiny.spec, tiny.params["layers"][1]
+    hidden = np.asarray(embed_tokens(tiny.params["embed_tokens"]["weight"], jnp.asarray(tokens(tiny, 5, 16, 1))))
+    got = block_hessians(layer, spec, hidden, batch_size=2)
+    again = block_hessians(layer, spec, hidden, batch_size=5)
+    _, inputs = block_forward(layer, spec, jnp.asarray(hidden), *rope_for(spec, 16))
+    for name in LINEAR_INPUTS:
+        x = np.asarray(inputs[name], np.float64).reshape(-1, inputs[name].shape[-1])
+        reference = 2 * x.T @ x / x.shape[0]
+        # float32 sums of 80 products: relative error ~1e-6 of the largest entry
+        scale = np.abs(reference).max()
+        assert np.abs(got[name] - reference).max() <= 1e-5 * scale
+        assert np.abs(again[name] - got[name]).max() <= 1e-5 * scale
+        np.testing.assert_allclose(got[name], got[name].T)
+
+
+def test_pooled_hessian_equals_capturing_all_sources_together(tiny):
+    spec, layer = tiny.spec, tiny.params["layers"][0]
+    embed = tiny.params["embed_tokens"]["weight"]
+    a, b = tokens(tiny, 3, 16, 2), tokens(tiny, 1, 16, 3)
+    per_source = {src: block_hessians(layer, spec, np.asarray(embed_tokens(embed, jnp.asarray(t)))) for src, t in (("a", a), ("b", b))}
+    pooled = pooled_hessians(per_source, {"a": a.size, "b": b.size})
+    together = block_hessians(layer, spec, np.asarray(embed_tokens(embed, jnp.asarray(np.concatenate([a, b])))))
+    for name in LINEAR_INPUTS:
+        assert np.abs(pooled[name] - together[name]).max() <= 1e-5 * np.abs(together[name]).max()
+
+
+@pytest.mark.parametrize("propagate_quantized", [True, False])
+def test_next_block_sees_the_chosen_outputs(tiny, propagate_quantized):
+    spec, params = tiny.spec, tiny.params
+    calibration = {"a": tokens(tiny, 2, 12, 4)}
+    rtn = quantize_model_rtn(params, 2, 16)
+    seen = {}
+
+    def quantize_block(index, layer, hessians):
+        seen[index] = hessians
+        return rtn["layers"][index]
+
+    result = sequential_quantize(params, spec, calibration, quantize_block, propagate_quantized=propagate_quantized, progress=False)
+    assert all(a is b for a, b in zip(result["layers"], rtn["layers"], strict=True))
+    assert result["embed_tokens"] is params["embed_tokens"]
+    hidden0 = np.asarray(embed_tokens(params["embed_tokens"]["weight"], jnp.asarray(calibration["a"])))
+    feed = rtn["layers"][0] if propagate_quantized else params["layers"][0]
+    expected = block_hessians(params["layers"][1], spec, block_outputs(feed, spec, hidden0))
+    for name in LINEAR_INPUTS:
+        np.testing.assert_allclose(seen[1]["a"][name], expected[name], rtol=1e-5, atol=1e-6)
