@@ -76,6 +76,18 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
             return None
         (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _check_value(value, inner, where)
+    if origin is tuple:
+        # tuple[T, ...] from a YAML list (or a single scalar, read as a one-element list)
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        items = value if isinstance(value, list) else [value]
+        return tuple(_check_value(item, item_type, f"{where}[{i}]") for i, item in enumerate(items))
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {
+            _check_value(k, key_type, f"{where} key"): _check_value(v, value_type, f"{where}.{k}") for k, v in value.items()
+        }
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     # bool is a subclass of int: `bits: true` must not pass as 1.

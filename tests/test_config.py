@@ -71,3 +71,22 @@ def test_int_accepted_where_float_expected(tmp_path):
     assert parse_section(Section, {"alpha": 1}, "x").alpha == 1.0
     with pytest.raises(ConfigError, match="x.alpha"):
         parse_section(Section, {"alpha": "big"}, "x")
+
+
+def test_tuple_and_mapping_fields(tmp_path):
+    from dataclasses import dataclass
+
+    from mpq_jax.config import parse_section
+
+    @dataclass(frozen=True, kw_only=True)
+    class Section:
+        names: tuple[str, ...] = ("a",)
+        paths: dict[str, str] | None = None
+
+    parsed = parse_section(Section, {"names": ["web", "code"], "paths": {"web": "/x.jsonl"}}, "calibration")
+    assert parsed.names == ("web", "code") and parsed.paths == {"web": "/x.jsonl"}
+    assert parse_section(Section, {"names": "web"}, "calibration").names == ("web",)
+    with pytest.raises(ConfigError, match=r"calibration.names\[1\]: expected str"):
+        parse_section(Section, {"names": ["web", 3]}, "calibration")
+    with pytest.raises(ConfigError, match="calibration.paths: expected a mapping"):
+        parse_section(Section, {"paths": ["x"]}, "calibration")
