@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Callable, Mapping
 
 import jax
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mpq_jax.models.decoder import LINEAR_INPUTS, block_forward, decoder_block, rope_inverse_frequencies, rope_tables
 from mpq_jax.models.spec import ModelSpec
+from mpq_jax.packed.io import MANIFEST_FILE, load_quantized, save_quantized
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ def sequential_quantize(
     propagate_quantized: bool = True,
     batch_size: int = 8,
     progress: bool = True,
+    resume_dir: str | Path | None = None,
+    fingerprint: str = "",
 ) -> dict:
     """Quantize every block in order; returns the new params (embedding, norms, head kept).
 
@@ -108,14 +112,40 @@ def sequential_quantize(
     the block's original params and its Hessians per source (see `pooled_hessians` to pool
     them) and returns the block's new params. `propagate_quantized` feeds the next block
     with the quantized block's outputs (GPTQ's choice) instead of the original block's.
+
+    With `resume_dir`, the finished blocks and the hidden states entering the next block are
+    checkpointed there after every block (atomically), tagged with `fingerprint` (which the
+    caller derives from model, calibration and config). A run started again with the same
+    fingerprint continues after the last finished block and ends with the same result; a
+    different fingerprint starts over.
     """
-    hidden = {src: np.asarray(embed_tokens(params["embed_tokens"]["weight"], jnp.asarray(tok))) for src, tok in calibration.items()}
-    layers = []
-    for index, layer in enumerate(tqdm(params["layers"], desc="blocks", unit="block", disable=not progress)):
+    layers, hidden = _resume(resume_dir, fingerprint)
+    if layers is None:
+        embedding = params["embed_tokens"]["weight"]
+        layers = []
+        hidden = {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
+    elif len(layers):
+        log.info("resuming after block %d from %s", len(layers) - 1, resume_dir)
+    todo = range(len(layers), len(params["layers"]))
+    for index in tqdm(todo, desc="blocks", unit="block", disable=not progress, initial=len(layers), total=len(params["layers"])):
+        layer = params["layers"][index]
         hessians = {src: block_hessians(layer, spec, h, batch_size) for src, h in hidden.items()}
         new_layer = quantize_block(index, layer, hessians)
         feed = new_layer if propagate_quantized else layer
         hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
         layers.append(new_layer)
-        log.debug("block %d done", index)
+        if resume_dir is not None:
+            save_quantized(resume_dir, {"layers": layers, "hidden": hidden}, {"fingerprint": fingerprint})
     return {**params, "layers": layers}
+
+
+def _resume(resume_dir: str | Path | None, fingerprint: str) -> tuple[list | None, dict | None]:
+    """(finished layers, hidden states) from a matching checkpoint, else (None, None)."""
+    if resume_dir is None or not (Path(resume_dir) / MANIFEST_FILE).is_file():
+        return None, None
+    state, metadata = load_quantized(resume_dir)
+    if metadata.get("fingerprint") != fingerprint:
+        log.warning("%s holds a run with other settings; starting over", resume_dir)
+        return None, None
+    hidden = {src: np.asarray(h) for src, h in state["hidden"].items()}
+    return list(state["layers"]), hidden

@@ -94,3 +94,37 @@ def test_next_block_sees_the_chosen_outputs(tiny, propagate_quantized):
     expected = block_hessians(params["layers"][1], spec, block_outputs(feed, spec, hidden0))
     for name in LINEAR_INPUTS:
         np.testing.assert_allclose(seen[1]["a"][name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_killed_run_resumes_after_last_finished_block(tiny, tmp_path):
+    spec, params = tiny.spec, tiny.params
+    calibration = {"a": tokens(tiny, 2, 12, 5)}
+    rtn = quantize_model_rtn(params, 3, 16)
+    uninterrupted = sequential_quantize(params, spec, calibration, lambda i, layer, h: rtn["layers"][i], progress=False)
+
+    def dies_at_block_1(index, layer, hessians):
+        if index == 1:
+            raise Interrupted
+        return rtn["layers"][index]
+
+    with pytest.raises(Interrupted):
+        sequential_quantize(params, spec, calibration, dies_at_block_1, resume_dir=tmp_path / "ckpt", fingerprint="f1", progress=False)
+    called = []
+
+    def records(index, layer, hessians):
+        called.append(index)
+        return rtn["layers"][index]
+
+    resumed = sequential_quantize(params, spec, calibration, records, resume_dir=tmp_path / "ckpt", fingerprint="f1", progress=False)
+    assert called == [1]  # block 0 came from the checkpoint
+    x = jnp.asarray(tokens(tiny, 1, 10, 6))
+    from mpq_jax.models import forward
+
+    np.testing.assert_array_equal(np.asarray(forward(resumed, spec, x)), np.asarray(forward(uninterrupted, spec, x)))
+    called.clear()
+    sequential_quantize(params, spec, calibration, records, resume_dir=tmp_path / "ckpt", fingerprint="other", progress=False)
+    assert called == [0, 1]  # other settings: start over
