@@ -19,15 +19,21 @@ from typing import Any, Literal
 
 import yaml
 
+from mpq_jax.data.calibration import CalibrationConfig
 from mpq_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizationConfig:
-    method: Literal["none", "rtn"] = "rtn"  # none: keep the model as loaded; rtn: round-to-nearest
+    # none: keep the model as loaded; rtn: round-to-nearest; gptq: GPTQ on calibration Hessians
+    method: Literal["none", "rtn", "gptq"] = "rtn"
     bits: int = 4  # bit width of every block linear (2..8)
     group_size: int = 128  # input columns sharing one scale/zero; the last group may be shorter
     symmetric: bool = False  # symmetric grid (zero fixed at 2^(bits-1)) instead of min-max
+    act_order: bool = True  # gptq: process columns by descending Hessian diagonal
+    static_groups: bool = False  # gptq: group scales from the original weights, not the updated ones
+    percdamp: float = 0.01  # gptq: damping added to diag(H), relative to its mean
+    propagate: Literal["quantized", "fp"] = "quantized"  # gptq: which block outputs feed the next block
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +57,7 @@ class RunConfig:
     output_dir: str = "runs/default"  # where the packed model and the reports are written
     save_model: bool = True  # write the packed model to output_dir/model
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)  # gptq only
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
@@ -116,8 +123,13 @@ def parse_section(cls: type, data: Any, where: str) -> Any:
 def validate(config: RunConfig) -> RunConfig:
     """Range checks that types alone cannot express."""
     q = config.quantization
-    if q.method == "rtn" and not 2 <= q.bits <= 8:
-        raise ConfigError(f"quantization.bits: {q.bits} is out of range; RTN supports 2..8")
+    if q.method in ("rtn", "gptq") and not 2 <= q.bits <= 8:
+        raise ConfigError(f"quantization.bits: {q.bits} is out of range; {q.method} supports 2..8")
+    if not q.percdamp > 0:
+        raise ConfigError(f"quantization.percdamp: must be positive, got {q.percdamp}")
+    cal = config.calibration
+    if cal.n_samples < 1 or cal.seq_len < 2:
+        raise ConfigError("calibration: n_samples must be >= 1 and seq_len >= 2")
     if q.group_size < 1:
         raise ConfigError(f"quantization.group_size: must be a positive number of columns, got {q.group_size}")
     ppl = config.eval.perplexity

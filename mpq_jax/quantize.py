@@ -1,7 +1,7 @@
 """Command line entry: `python -m mpq_jax.quantize --config configs/X.yaml [--output DIR]`.
 
 Runs the stages of a quantization job in order: load the checkpoint, quantize the block
-linears (method `none` or `rtn`), evaluate WikiText-2 perplexity, save the packed model,
+linears (method `none`, `rtn`, or `gptq` on calibration text), evaluate WikiText-2 perplexity, save the packed model,
 and write `report.json`, `report.md` and `layer_error.png` into the output folder. This is
 the only place where the stages meet; each stage is a function in its own module.
 
@@ -12,30 +12,77 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from mpq_jax.config import RunConfig, config_to_dict, load_config
 from mpq_jax.errors import ConfigError, MpqError
 from mpq_jax.eval.perplexity import make_windows, perplexity, resolve_wikitext2_path, wikitext2_tokens
-from mpq_jax.models.checkpoint import load_model
+from mpq_jax.data.calibration import calibration_tokens, sources_from_config
+from mpq_jax.models.checkpoint import LoadedModel, load_model
 from mpq_jax.models.spec import spec_to_dict
 from mpq_jax.packed.io import save_quantized
-from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_rtn
+from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_gptq, quantize_model_rtn
 from mpq_jax.report import write_report
 
 log = logging.getLogger("mpq_jax")
 
 
-def quantize_params(params: dict, config: RunConfig) -> dict:
-    """The quantization stage: params -> params with QuantizedLinear block linears."""
+def run_fingerprint(model_source: str, config: RunConfig, calibration: dict[str, np.ndarray]) -> str:
+    """Identity of a quantization run: model file, quantization and calibration settings, tokens."""
+    digest = hashlib.sha256()
+    path = Path(model_source)
+    stat = path.stat() if path.is_file() else None
+    identity = {
+        "model": model_source,
+        "model_file": [stat.st_size, int(stat.st_mtime)] if stat else None,
+        "dtype": config.dtype,
+        "quantization": dataclasses.asdict(config.quantization),
+        "calibration": dataclasses.asdict(config.calibration),
+    }
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    for name in sorted(calibration):
+        digest.update(name.encode() + np.ascontiguousarray(calibration[name]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> tuple[dict, dict[str, float]]:
+    """The quantization stage: params -> params with QuantizedLinear block linears, and
+    per-layer losses where the method has them (GPTQ)."""
     q = config.quantization
     if q.method == "none":
-        return params
+        return model.params, {}
     if q.method == "rtn":
-        return quantize_model_rtn(params, q.bits, q.group_size, q.symmetric)
+        return quantize_model_rtn(model.params, q.bits, q.group_size, q.symmetric), {}
+    if q.method == "gptq":
+        if model.tokenizer is None:
+            raise ConfigError(f"calibration: {model.source} has no tokenizer to read calibration text with")
+        cal = config.calibration
+        calibration = calibration_tokens(model.tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
+        resume_dir = output_dir / ".resume"
+        params, losses = quantize_model_gptq(
+            model.params,
+            model.spec,
+            calibration,
+            bits=q.bits,
+            group_size=q.group_size,
+            act_order=q.act_order,
+            static_groups=q.static_groups,
+            symmetric=q.symmetric,
+            percdamp=q.percdamp,
+            propagate_quantized=q.propagate == "quantized",
+            resume_dir=resume_dir,
+            fingerprint=run_fingerprint(model.source, config, calibration),
+        )
+        shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the block checkpoints are spent
+        return params, losses
     raise AssertionError(f"config validation let through method {q.method!r}")
 
 
@@ -51,7 +98,7 @@ def run(config: RunConfig, output_dir: Path) -> dict:
     log.info("loaded %s: %s, %d layers", model.source, model.spec.family, model.spec.num_layers)
 
     start = time.perf_counter()
-    params = quantize_params(model.params, config)
+    params, losses = quantize_params(model, config, output_dir)
     timings["quantize"] = time.perf_counter() - start
     stats = linear_stats(model.params, params)
     report: dict = {
@@ -59,7 +106,7 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         "method": config.quantization.method,
         "bits_per_weight": average_bits_per_weight(stats),
         "config": config_to_dict(config),
-        "layers": [s.to_json() for s in stats],
+        "layers": [{**s.to_json(), **({"gptq_loss": losses[s.name]} if s.name in losses else {})} for s in stats],
     }
 
     if ppl_config.enabled:

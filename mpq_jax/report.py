@@ -35,9 +35,12 @@ def markdown_report(report: dict) -> str:
         lines.append(f"- packed model: `{report['packed_model']}`")
     lines += ["", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report.get("seconds", {}).items()]
-    lines += ["", "![relative weight error per layer](layer_error.png)", "", "| layer | shape | bits/weight | ‖W−Ŵ‖/‖W‖ |", "|---|---|---:|---:|"]
+    has_loss = any("gptq_loss" in s for s in report["layers"])
+    header = "| layer | shape | bits/weight | ‖W−Ŵ‖/‖W‖ |" + (" GPTQ loss tr(ΔW H ΔWᵀ) |" if has_loss else "")
+    lines += ["", "![relative weight error per layer](layer_error.png)", "", header, "|---|---|---:|---:|" + ("---:|" if has_loss else "")]
     lines += [
         f"| {s['name']} | {s['shape'][0]}×{s['shape'][1]} | {s['bits_per_weight']:.3f} | {s['relative_weight_error']:.4f} |"
+        + (f" {s['gptq_loss']:.4g} |" if "gptq_loss" in s else (" - |" if has_loss else ""))
         for s in report["layers"]
     ]
     return "\n".join(lines) + "\n"

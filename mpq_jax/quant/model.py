@@ -75,6 +75,68 @@ def quantize_model_rtn(params: dict, bits: int, group_size: int, symmetric: bool
     return replace_block_linears(params, quantize_one, desc=f"RTN {bits}-bit g{group_size}")
 
 
+def quantize_model_gptq(
+    params: dict,
+    spec,
+    calibration: dict[str, np.ndarray],
+    *,
+    bits: int,
+    group_size: int,
+    act_order: bool = True,
+    static_groups: bool = False,
+    symmetric: bool = False,
+    percdamp: float = 0.01,
+    propagate_quantized: bool = True,
+    batch_size: int = 8,
+    resume_dir=None,
+    fingerprint: str = "",
+) -> tuple[dict, dict[str, float]]:
+    """GPTQ every block linear, block by block on calibration tokens {source: [n, T]}.
+
+    Sources are pooled into one Hessian per linear input (token-weighted). Returns the new
+    params and each linear's GPTQ loss trace((W−Ŵ) H (W−Ŵ)ᵀ) by dotted name.
+    """
+    from mpq_jax.capture import pooled_hessians, sequential_quantize
+    from mpq_jax.models.decoder import LINEAR_INPUT_OF
+    from mpq_jax.quant.gptq import gptq_quantize
+
+    tokens_per_source = {src: int(np.asarray(t).size) for src, t in calibration.items()}
+    losses: dict[str, float] = {}
+
+    def quantize_block(index: int, layer: dict, hessians) -> dict:
+        pooled = pooled_hessians(hessians, tokens_per_source)
+        new_layer = {key: (dict(value) if isinstance(value, dict) else value) for key, value in layer.items()}
+        for module, name in BLOCK_LINEARS:
+            dense = layer[module][name]
+            n_groups = -(-dense["weight"].shape[1] // group_size)
+            result = gptq_quantize(
+                np.asarray(dense["weight"], np.float32),
+                pooled[LINEAR_INPUT_OF[name]],
+                [bits] * n_groups,
+                group_size,
+                act_order=act_order,
+                static_groups=static_groups,
+                symmetric=symmetric,
+                percdamp=percdamp,
+                bias=dense.get("bias"),
+            )
+            new_layer[module][name] = result.qlinear
+            losses[linear_name(index, module, name)] = result.loss
+        return new_layer
+
+    quantized = sequential_quantize(
+        params,
+        spec,
+        calibration,
+        quantize_block,
+        propagate_quantized=propagate_quantized,
+        batch_size=batch_size,
+        resume_dir=resume_dir,
+        fingerprint=fingerprint,
+    )
+    return quantized, losses
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearStats:
     name: str

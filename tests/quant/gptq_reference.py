@@ -1,0 +1,119 @@
+"""Plain float64 numpy GPTQ, straight from Algorithm 1 of Frantar et al. (2022).
+
+Column by column, no lazy batching: after each column its error is applied to every later
+column at once. Same conventions as `mpq_jax.quant.gptq`: dead inputs pinned, relative
+damping with 10x retries, column order (perm > act-order > identity), per-group bits in
+processing order (16 = kept dense in fp16), group grids from the error-updated columns or
+(static) from the original W, scales rounded to fp16 before quantizing. No JAX here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FP16 = np.finfo(np.float16)
+
+
+def raw_grid(w, bits, symmetric):
+    """GPTQ min-max grid per row of w [out, n] before rounding: (xmin, scale, flat rows)."""
+    maxq = 2**bits - 1
+    xmin = np.minimum(w.min(axis=1), 0)
+    xmax = np.maximum(w.max(axis=1), 0)
+    if symmetric:
+        xmax = np.maximum(-xmin, xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)
+    xmin, xmax = np.where(flat, -1, xmin), np.where(flat, 1, xmax)
+    return xmin, (xmax - xmin) / maxq, flat
+
+
+def grid_params(w, bits, symmetric):
+    """(scale rounded to its fp16 storage value, zero) per row of w [out, n]."""
+    xmin, scale, _ = raw_grid(w, bits, symmetric)
+    zero = np.full_like(scale, 2 ** (bits - 1)) if symmetric else np.round(-xmin / scale)
+    scale = np.clip(scale, FP16.tiny, FP16.max).astype(np.float16).astype(np.float64)
+    return scale, zero
+
+
+def tie_margin(x):
+    """Distance of x from the nearest rounding tie (k + 0.5); small = float noise may flip it."""
+    return np.abs(np.abs(x - np.floor(x)) - 0.5)
+
+
+def fp16_margin(scale):
+    """Distance, in fp16 ulps, of scale from a tie between two fp16 values."""
+    s16 = np.clip(scale, FP16.tiny, FP16.max).astype(np.float16)
+    return np.abs(np.abs(scale - s16.astype(np.float64)) / np.spacing(s16).astype(np.float64) - 0.5)
+
+
+def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=False, static_groups=False,
+                   symmetric=False, percdamp=0.01, max_retries=4):
+    """Returns (Ŵ [out, in] original order, loss, damping, err, margin), the last two
+    [out, in] in processing (permuted) order:
+
+    err[:, j] = updated W[:, j] - Q[:, j], the quantization error of processed column j;
+    margin[:, j] = how far column j's rounding decisions (its code, and at a group start the
+    group's zero-point and fp16 scale) were from a tie: where an implementation in lower
+    precision may legitimately round the other way.
+    """
+    W = np.array(w, np.float64)
+    H = np.array(hessian, np.float64)
+    n_in = W.shape[1]
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if perm is None:
+        perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n_in)
+    perm = np.asarray(perm)
+    W, H = W[:, perm], H[np.ix_(perm, perm)]
+
+    damping = percdamp
+    for _ in range(max_retries + 1):
+        try:
+            Hd = H + damping * np.mean(np.diag(H)) * np.eye(n_in)
+            Hinv = np.linalg.cholesky(np.linalg.inv(Hd)).T  # upper: U^T U = H^-1
+            break
+        except np.linalg.LinAlgError:
+            damping *= 10
+    else:
+        raise ValueError("no Cholesky factor")
+
+    W0 = W.copy()
+    Q = np.zeros_like(W)
+    err = np.zeros_like(W)
+    margin = np.full_like(W, np.inf)
+    for j in range(n_in):
+        g = j // group_size
+        bits = int(group_bits[g])
+        g0, g1 = g * group_size, min((g + 1) * group_size, n_in)
+        if bits == 16:
+            q = W[:, j].astype(np.float16).astype(np.float64)
+        else:
+            if j == g0:
+                scale, zero = grid_params((W0 if static_groups else W)[:, g0:g1], bits, symmetric)
+                margin[:, j] = group_margin((W0 if static_groups else W)[:, g0:g1], bits, symmetric)
+            codes = np.clip(np.round(W[:, j] / scale) + zero, 0, 2**bits - 1)
+            margin[:, j] = np.minimum(margin[:, j], tie_margin(W[:, j] / scale))
+            q = (codes - zero) * scale
+        err[:, j] = W[:, j] - q
+        Q[:, j] = q
+        # Algorithm 1: W[:, j:] -= (w - q) / [H^-1]_jj * [H^-1]_{j, j:}
+        W[:, j:] -= np.outer(err[:, j] / Hinv[j, j], Hinv[j, j:])
+
+    w_hat = np.empty_like(Q)
+    w_hat[:, perm] = Q
+    D = np.asarray(w, np.float64) - w_hat
+    loss = float(np.sum((D @ np.asarray(hessian, np.float64)) * D))
+    return w_hat, loss, damping, err, margin
+
+
+def group_margin(w, bits, symmetric):
+    """Tie margin of a group's zero-point rounding and of its scale's fp16 rounding, per row.
+
+    Flat (all-zero) rows get a fixed grid with no noise to flip, hence an infinite margin.
+    """
+    xmin, scale, flat = raw_grid(w, bits, symmetric)
+    zero_margin = np.full_like(scale, np.inf) if symmetric else tie_margin(-xmin / scale)
+    return np.where(flat, np.inf, np.minimum(zero_margin, fp16_margin(scale)))
