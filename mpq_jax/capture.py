@@ -94,6 +94,55 @@ def pooled_hessians(per_source: SourceHessians, tokens_per_source: Mapping[str, 
     }
 
 
+class HessianCache:
+    """Hessians of the unquantized model, block by block, on disk under a fingerprint.
+
+    With the original block's outputs feeding the next block (`propagate_quantized=False`),
+    every block's Hessians depend only on the model and the calibration tokens, not on how
+    earlier blocks were quantized: computed once, they serve every later setting (bits,
+    groups, methods) with no forward pass. Layout: `<root>/<fingerprint>/block_NNN.npz`, one
+    array per (source, linear input), each written to a temporary name and renamed.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.folder = Path(root) / fingerprint
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"block_{index:03d}.npz"
+
+    def complete(self, num_layers: int) -> bool:
+        return all(self.path(i).is_file() for i in range(num_layers))
+
+    def store(self, index: int, hessians: SourceHessians) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{src}/{name}": h for src, per_input in hessians.items() for name, h in per_input.items()}
+        tmp = self.path(index).with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(self.path(index))
+
+    def load(self, index: int) -> SourceHessians:
+        hessians: SourceHessians = {}
+        with np.load(self.path(index)) as data:
+            for key in data.files:
+                src, name = key.rsplit("/", 1)
+                hessians.setdefault(src, {})[name] = data[key]
+        return hessians
+
+
+def fill_hessian_cache(
+    params: dict, spec: ModelSpec, calibration: Mapping[str, np.ndarray], cache: HessianCache, *, batch_size: int = 8, progress: bool = True
+) -> None:
+    """Compute and store every block's Hessians with the original blocks propagating (no-op if complete)."""
+    if cache.complete(len(params["layers"])):
+        log.info("Hessians found in %s", cache.folder)
+        return
+    embedding = params["embed_tokens"]["weight"]
+    hidden = {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
+    for index, layer in enumerate(tqdm(params["layers"], desc="Hessians", unit="block", disable=not progress)):
+        cache.store(index, {src: block_hessians(layer, spec, h, batch_size) for src, h in hidden.items()})
+        hidden = {src: block_outputs(layer, spec, h, batch_size) for src, h in hidden.items()}
+
+
 def sequential_quantize(
     params: dict,
     spec: ModelSpec,
@@ -105,6 +154,7 @@ def sequential_quantize(
     progress: bool = True,
     resume_dir: str | Path | None = None,
     fingerprint: str = "",
+    hessian_cache: HessianCache | None = None,
 ) -> dict:
     """Quantize every block in order; returns the new params (embedding, norms, head kept).
 
@@ -118,21 +168,35 @@ def sequential_quantize(
     caller derives from model, calibration and config). A run started again with the same
     fingerprint continues after the last finished block and ends with the same result; a
     different fingerprint starts over.
+
+    With `hessian_cache` (only with `propagate_quantized=False`), Hessians come from the
+    cache, filled first if incomplete, and no forward pass runs while quantizing.
     """
+    if hessian_cache is not None:
+        if propagate_quantized:
+            raise ValueError("a Hessian cache holds the unquantized model's Hessians: use propagate_quantized=False")
+        fill_hessian_cache(params, spec, calibration, hessian_cache, batch_size=batch_size, progress=progress)
     layers, hidden = _resume(resume_dir, fingerprint)
     if layers is None:
         embedding = params["embed_tokens"]["weight"]
         layers = []
-        hidden = {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
+        hidden = (
+            {}
+            if hessian_cache is not None
+            else {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
+        )
     elif len(layers):
         log.info("resuming after block %d from %s", len(layers) - 1, resume_dir)
     todo = range(len(layers), len(params["layers"]))
     for index in tqdm(todo, desc="blocks", unit="block", disable=not progress, initial=len(layers), total=len(params["layers"])):
         layer = params["layers"][index]
-        hessians = {src: block_hessians(layer, spec, h, batch_size) for src, h in hidden.items()}
-        new_layer = quantize_block(index, layer, hessians)
-        feed = new_layer if propagate_quantized else layer
-        hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
+        if hessian_cache is not None:
+            new_layer = quantize_block(index, layer, hessian_cache.load(index))
+        else:
+            hessians = {src: block_hessians(layer, spec, h, batch_size) for src, h in hidden.items()}
+            new_layer = quantize_block(index, layer, hessians)
+            feed = new_layer if propagate_quantized else layer
+            hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
         layers.append(new_layer)
         if resume_dir is not None:
             save_quantized(resume_dir, {"layers": layers, "hidden": hidden}, {"fingerprint": fingerprint})

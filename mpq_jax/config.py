@@ -33,7 +33,9 @@ class QuantizationConfig:
     act_order: bool = True  # gptq: process columns by descending Hessian diagonal
     static_groups: bool = False  # gptq: group scales from the original weights, not the updated ones
     percdamp: float = 0.01  # gptq: damping added to diag(H), relative to its mean
-    propagate: Literal["quantized", "fp"] = "quantized"  # gptq: which block outputs feed the next block
+    # gptq: which block outputs feed the next block; "fp" makes Hessians independent of the
+    # quantization settings, so they are cached on disk (MPQ_CACHE_DIR) and shared across runs
+    propagate: Literal["quantized", "fp"] = "quantized"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

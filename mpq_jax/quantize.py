@@ -25,7 +25,9 @@ import numpy as np
 from mpq_jax.config import RunConfig, config_to_dict, load_config
 from mpq_jax.errors import ConfigError, MpqError
 from mpq_jax.eval.perplexity import make_windows, perplexity, resolve_wikitext2_path, wikitext2_tokens
+from mpq_jax.capture import HessianCache
 from mpq_jax.data.calibration import calibration_tokens, sources_from_config
+from mpq_jax.data.paths import cache_dir
 from mpq_jax.models.checkpoint import LoadedModel, load_model
 from mpq_jax.models.spec import spec_to_dict
 from mpq_jax.packed.io import save_quantized
@@ -35,22 +37,32 @@ from mpq_jax.report import write_report
 log = logging.getLogger("mpq_jax")
 
 
-def run_fingerprint(model_source: str, config: RunConfig, calibration: dict[str, np.ndarray]) -> str:
-    """Identity of a quantization run: model file, quantization and calibration settings, tokens."""
-    digest = hashlib.sha256()
-    path = Path(model_source)
-    stat = path.stat() if path.is_file() else None
-    identity = {
-        "model": model_source,
-        "model_file": [stat.st_size, int(stat.st_mtime)] if stat else None,
-        "dtype": config.dtype,
-        "quantization": dataclasses.asdict(config.quantization),
-        "calibration": dataclasses.asdict(config.calibration),
-    }
-    digest.update(json.dumps(identity, sort_keys=True).encode())
+def _fingerprint(identity: dict, calibration: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for name in sorted(calibration):
         digest.update(name.encode() + np.ascontiguousarray(calibration[name]).tobytes())
     return digest.hexdigest()[:16]
+
+
+def model_identity(model_source: str, dtype: str) -> dict:
+    path = Path(model_source)
+    stat = path.stat() if path.is_file() else None
+    return {"model": model_source, "model_file": [stat.st_size, int(stat.st_mtime)] if stat else None, "dtype": dtype}
+
+
+def calibration_fingerprint(model_source: str, dtype: str, calibration: dict[str, np.ndarray]) -> str:
+    """Identity of (model, calibration tokens): what the unquantized model's Hessians depend on."""
+    return _fingerprint(model_identity(model_source, dtype), calibration)
+
+
+def run_fingerprint(model_source: str, config: RunConfig, calibration: dict[str, np.ndarray]) -> str:
+    """Identity of a quantization run: model, quantization and calibration settings, tokens."""
+    identity = {
+        **model_identity(model_source, config.dtype),
+        "quantization": dataclasses.asdict(config.quantization),
+        "calibration": dataclasses.asdict(config.calibration),
+    }
+    return _fingerprint(identity, calibration)
 
 
 def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> tuple[dict, dict[str, float]]:
@@ -67,6 +79,13 @@ def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> 
         cal = config.calibration
         calibration = calibration_tokens(model.tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
         resume_dir = output_dir / ".resume"
+        # Unquantized-model Hessians do not depend on the quantization settings: share them.
+        propagate_fp = q.propagate == "fp"
+        cache = (
+            HessianCache(cache_dir() / "hessians", calibration_fingerprint(model.source, config.dtype, calibration))
+            if propagate_fp
+            else None
+        )
         params, losses = quantize_model_gptq(
             model.params,
             model.spec,
@@ -77,9 +96,10 @@ def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> 
             static_groups=q.static_groups,
             symmetric=q.symmetric,
             percdamp=q.percdamp,
-            propagate_quantized=q.propagate == "quantized",
+            propagate_quantized=not propagate_fp,
             resume_dir=resume_dir,
             fingerprint=run_fingerprint(model.source, config, calibration),
+            hessian_cache=cache,
         )
         shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the block checkpoints are spent
         return params, losses

@@ -128,3 +128,42 @@ def test_killed_run_resumes_after_last_finished_block(tiny, tmp_path):
     called.clear()
     sequential_quantize(params, spec, calibration, records, resume_dir=tmp_path / "ckpt", fingerprint="other", progress=False)
     assert called == [0, 1]  # other settings: start over
+
+
+def test_hessian_cache_serves_fp_propagation_without_forward_passes(tiny, tmp_path, monkeypatch):
+    import mpq_jax.capture as capture
+
+    spec, params = tiny.spec, tiny.params
+    calibration = {"a": tokens(tiny, 2, 12, 7), "b": tokens(tiny, 1, 12, 8)}
+    rtn = quantize_model_rtn(params, 4, 16)
+
+    def recorder(seen: dict):
+        def quantize_block(index, layer, hessians):
+            seen[index] = hessians
+            return rtn["layers"][index]
+
+        return quantize_block
+
+    direct = {}
+    sequential_quantize(params, spec, calibration, recorder(direct), propagate_quantized=False, progress=False)
+
+    cache = capture.HessianCache(tmp_path, "calib-fingerprint")
+    cached = {}
+    sequential_quantize(params, spec, calibration, recorder(cached), propagate_quantized=False, hessian_cache=cache, progress=False)
+    assert cache.complete(spec.num_layers)
+    for index in direct:
+        for src in calibration:
+            for name in direct[index][src]:
+                np.testing.assert_array_equal(cached[index][src][name], direct[index][src][name])
+
+    # A second run with a complete cache runs no block forward at all.
+    def no_forward(*args, **kwargs):
+        raise AssertionError("forward pass despite a complete cache")
+
+    monkeypatch.setattr(capture, "block_hessians", no_forward)
+    monkeypatch.setattr(capture, "block_outputs", no_forward)
+    again = {}
+    sequential_quantize(params, spec, calibration, recorder(again), propagate_quantized=False, hessian_cache=cache, progress=False)
+    np.testing.assert_array_equal(again[1]["b"]["mlp_in"], direct[1]["b"]["mlp_in"])
+    with pytest.raises(ValueError, match="propagate_quantized=False"):
+        sequential_quantize(params, spec, calibration, lambda i, layer, h: layer, hessian_cache=cache, progress=False)

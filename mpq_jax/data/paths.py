@@ -1,4 +1,5 @@
-"""Where the shared data (corpora, tasks) lives: `$MPQ_SHARED_DIR`, else `../shared` beside the repo.
+"""Where things live: the shared data (corpora, tasks) — `$MPQ_SHARED_DIR`, else `../shared`
+beside the repo — and mpq-jax's caches (`$MPQ_CACHE_DIR`, else `~/.cache/mpq_jax`).
 
 Not for: reading the files themselves (see `mpq_jax.eval.perplexity` and the calibration
 loaders).
@@ -12,6 +13,7 @@ from pathlib import Path
 from mpq_jax.errors import ConfigError
 
 SHARED_ENV = "MPQ_SHARED_DIR"
+CACHE_ENV = "MPQ_CACHE_DIR"  # where converted tokenizers and calibration Hessians are cached
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,3 +32,8 @@ def shared_dir() -> Path:
 
 def wikitext2_test_path() -> Path:
     return shared_dir() / "data" / "corpora" / "wikitext2" / "wiki.test.txt"
+
+
+def cache_dir() -> Path:
+    """Root of mpq-jax's caches: `$MPQ_CACHE_DIR`, else `~/.cache/mpq_jax`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mpq_jax")

