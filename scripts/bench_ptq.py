@@ -1,12 +1,19 @@
 """PTQ quality table on the default model: method, bits, group size, BPW, WikiText-2 PPL, time.
 
     python scripts/bench_ptq.py [--windows 8] [--seq-len 2048] [--json PATH] [--model M]
+                                [--methods fp,rtn,gptq] [--bits 4,3] [--groups 64]
+                                [--calib-sources wikipedia]
+                                [--calib-samples 64] [--calib-seq-len 512]
 
 Every row is scored on the same first K windows of 2048 tokens (`--windows 0` = the whole
 test text), so rows compare methods, not text. Rows: FP (the model as loaded) and RTN at
-8/4/3/2 bits with group sizes 128 and 64. Writes a JSON list of rows with keys `method`,
-`bits`, `group_size`, `bpw`, `ppl`, `seconds` (quantize + evaluate), and a PNG of PPL
-against BPW beside it. Later methods add rows through `ROWS`.
+8/4/3/2 bits with group sizes 128 and 64, and GPTQ (act-order) at 4/3/2 bits with group
+sizes 128 and 64, calibrated by default on 64 x 512 tokens of the Wikipedia calibration
+split. GPTQ rows use the unquantized model's Hessians (propagate: fp), computed once per
+(model, calibration) and cached on disk, so the rows — and later runs — share them; the
+first GPTQ row's seconds include that capture. Writes a JSON list of rows with keys
+`method`, `bits`, `group_size`, `bpw`, `ppl`, `seconds` (quantize + evaluate), and a PNG of
+PPL against BPW beside it. Later methods add rows through `ROWS`.
 """
 
 from __future__ import annotations
@@ -18,20 +25,34 @@ import sys
 import time
 from pathlib import Path
 
+from mpq_jax.capture import HessianCache
+from mpq_jax.data.calibration import calibration_tokens, default_sources
+from mpq_jax.data.paths import cache_dir
 from mpq_jax.eval.perplexity import make_windows, perplexity, wikitext2_tokens
 from mpq_jax.models.checkpoint import DEFAULT_MODEL, load_model
 from mpq_jax.output import atomic_write_text
-from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_rtn
+from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_gptq, quantize_model_rtn
+from mpq_jax.quantize import calibration_fingerprint
 
 # (method, bits, group_size); bits/group of the FP row describe the model as loaded.
-ROWS = [("fp", 32, 0)] + [("rtn", bits, group) for bits in (8, 4, 3, 2) for group in (128, 64)]
+ROWS = (
+    [("fp", 32, 0)]
+    + [("rtn", bits, group) for bits in (8, 4, 3, 2) for group in (128, 64)]
+    + [("gptq", bits, group) for bits in (4, 3, 2) for group in (128, 64)]
+)
 
 
-def quantize_row(params: dict, method: str, bits: int, group_size: int) -> dict:
+def quantize_row(model, method: str, bits: int, group_size: int, calibration, cache) -> dict:
     if method == "fp":
-        return params
+        return model.params
     if method == "rtn":
-        return quantize_model_rtn(params, bits, group_size)
+        return quantize_model_rtn(model.params, bits, group_size)
+    if method == "gptq":
+        params, _ = quantize_model_gptq(
+            model.params, model.spec, calibration, bits=bits, group_size=group_size,
+            act_order=True, propagate_quantized=False, hessian_cache=cache,
+        )
+        return params
     raise ValueError(f"unknown method {method}")
 
 
@@ -43,9 +64,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     fp = [r for r in rows if r["method"] == "fp"]
-    for group in sorted({r["group_size"] for r in rows if r["method"] != "fp"}):
-        pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["method"] != "fp" and r["group_size"] == group)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"RTN g{group}")
+    for method in sorted({r["method"] for r in rows} - {"fp"}):
+        for group in sorted({r["group_size"] for r in rows if r["method"] == method}):
+            pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["method"] == method and r["group_size"] == group)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method.upper()} g{group}")
     if fp:
         ax.axhline(fp[0]["ppl"], color="k", linestyle="--", label="FP (as loaded)")
     ax.set_yscale("log")
@@ -64,18 +86,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="first K windows (0 = whole text)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", default="runs/bench_ptq.json")
+    parser.add_argument("--methods", default="fp,rtn,gptq", help="comma-separated subset of fp, rtn, gptq")
+    parser.add_argument("--bits", help="comma-separated bit widths to keep (default: all rows)")
+    parser.add_argument("--groups", help="comma-separated group sizes to keep (default: all rows)")
+    parser.add_argument("--calib-sources", default="wikipedia", help="comma-separated calibration sources")
+    parser.add_argument("--calib-samples", type=int, default=64, help="windows per calibration source")
+    parser.add_argument("--calib-seq-len", type=int, default=512)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    methods = set(args.methods.split(","))
 
     model = load_model(args.model)
     windows = make_windows(wikitext2_tokens(model.tokenizer), args.seq_len, args.windows)
+    calibration = cache = None
+    if "gptq" in methods:
+        sources = default_sources(args.calib_sources.split(","))
+        calibration = calibration_tokens(model.tokenizer, sources, args.calib_samples, args.calib_seq_len)
+        cache = HessianCache(cache_dir() / "hessians", calibration_fingerprint(model.source, "float32", calibration))
+        print(f"calibration: {args.calib_sources}, {args.calib_samples} x {args.calib_seq_len} tokens per source")
     rows = []
     header = f"{'method':<8}{'bits':>5}{'group':>7}{'bpw':>8}{'ppl':>14}{'seconds':>9}"
     print(f"model: {model.source}; {len(windows)} windows of {args.seq_len} tokens")
     print(header)
-    for method, bits, group_size in ROWS:
+    def wanted(row) -> bool:
+        method, bits, group = row
+        keep_bits = args.bits is None or method == "fp" or str(bits) in args.bits.split(",")
+        keep_group = args.groups is None or method == "fp" or str(group) in args.groups.split(",")
+        return method in methods and keep_bits and keep_group
+
+    for method, bits, group_size in filter(wanted, ROWS):
         start = time.perf_counter()
-        params = quantize_row(model.params, method, bits, group_size)
+        params = quantize_row(model, method, bits, group_size, calibration, cache)
         bpw = average_bits_per_weight(linear_stats(model.params, params))
         result = perplexity(params, model.spec, windows, progress=False)
         row = {

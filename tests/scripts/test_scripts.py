@@ -32,17 +32,27 @@ def test_eval_ppl_with_torch_comparison(tmp_path, default_model, shared_dir, cap
 
 
 @pytest.mark.slow
-def test_bench_ptq_rows(tmp_path, default_model, shared_dir):
+def test_bench_ptq_rows(tmp_path, default_model, shared_dir, monkeypatch):
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
-    assert load_script("bench_ptq").main(["--windows", "1", "--seq-len", "64", "--json", str(out)]) == 0
+    bench = load_script("bench_ptq")
+    assert bench.main(["--windows", "1", "--seq-len", "64", "--methods", "fp,rtn", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["method"], r["bits"], r["group_size"]) for r in rows] == load_script("bench_ptq").ROWS
+    assert [(r["method"], r["bits"], r["group_size"]) for r in rows] == [row for row in bench.ROWS if row[0] != "gptq"]
     assert all({"method", "bits", "group_size", "bpw", "ppl", "seconds"} <= set(r) for r in rows)
     by_key = {(r["method"], r["bits"], r["group_size"]): r for r in rows}
     # fewer bits never store more, and 8-bit RTN stays close to FP even on one short window
     assert by_key[("rtn", 2, 128)]["bpw"] < by_key[("rtn", 4, 128)]["bpw"] < by_key[("rtn", 8, 128)]["bpw"]
     assert by_key[("rtn", 8, 64)]["ppl"] == pytest.approx(by_key[("fp", 32, 0)]["ppl"], rel=0.05)
     assert out.with_suffix(".png").stat().st_size > 0
+
+    # One GPTQ row on a tiny calibration: the row is written and its Hessians were cached.
+    argv = ["--windows", "1", "--seq-len", "64", "--methods", "gptq", "--bits", "4", "--groups", "64",
+            "--calib-samples", "4", "--calib-seq-len", "64", "--json", str(out)]
+    assert bench.main(argv) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["method"], row["bits"], row["group_size"]) == ("gptq", 4, 64) and row["ppl"] > 1
+    assert len(list((tmp_path / "cache" / "hessians").glob("*/block_*.npz"))) == default_model.spec.num_layers
 
 
 def test_bench_attention_agrees_with_torch(tmp_path):
