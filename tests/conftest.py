@@ -44,3 +44,22 @@ def wikitext_tokens(default_model, shared_dir):
     from mpq_jax.eval.perplexity import wikitext2_tokens
 
     return wikitext2_tokens(default_model.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def load_tiny_model(tmp_path_factory):
+    """load_tiny_model(family) -> a tiny random transformers checkpoint of that family, written
+    once per session and loaded by mpq-jax (no tokenizer). Needs torch; skips without it."""
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
+    from mpq_jax.models import load_model
+
+    loaded = {}
+
+    def load(family: str):
+        if family not in loaded:
+            directory = tmp_path_factory.mktemp(f"tiny-{family}")
+            tiny_checkpoints.write_tiny_checkpoint(family, directory, sharded=False)
+            loaded[family] = load_model(directory, with_tokenizer=False)
+        return loaded[family]
+
+    return load

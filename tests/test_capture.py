@@ -21,13 +21,8 @@ from mpq_jax.quant.model import quantize_model_rtn
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
-    from mpq_jax.models import load_model
-
-    directory = tmp_path_factory.mktemp("tiny")
-    tiny_checkpoints.write_tiny_checkpoint("qwen3", directory, sharded=False)
-    return load_model(directory, with_tokenizer=False)
+def tiny(load_tiny_model):
+    return load_tiny_model("qwen3")
 
 
 def tokens(tiny, n, seq, seed):

@@ -32,13 +32,8 @@ def reference_ppl(params, spec, windows) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    pytest.importorskip("torch")
-    from tests.tiny_checkpoints import write_tiny_checkpoint
-
-    directory = tmp_path_factory.mktemp("tiny")
-    write_tiny_checkpoint("llama", directory, sharded=False)
-    return load_model(directory, with_tokenizer=False)
+def tiny_model(load_tiny_model):
+    return load_tiny_model("llama")
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
