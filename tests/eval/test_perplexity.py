@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from mpq_jax.errors import ConfigError
 from mpq_jax.eval.perplexity import make_windows, perplexity
-from mpq_jax.models import forward, load_model
+from mpq_jax.models import forward
 
 
 def test_windows_are_a_non_overlapping_prefix():
