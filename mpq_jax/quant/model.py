@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from mpq_jax.capture import pooled_hessians, sequential_quantize
+from mpq_jax.models.decoder import LINEAR_INPUT_OF
 from mpq_jax.models.spec import BLOCK_LINEARS
 from mpq_jax.packed.qlinear import QuantizedLinear, storage_bits
+from mpq_jax.quant.gptq import gptq_quantize
 from mpq_jax.quant.rtn import rtn_quantize
 
 
@@ -99,10 +102,6 @@ def quantize_model_gptq(
     `hessian_cache` (capture.HessianCache, with propagate_quantized=False) skips the forward
     passes when the same model and calibration were captured before.
     """
-    from mpq_jax.capture import pooled_hessians, sequential_quantize
-    from mpq_jax.models.decoder import LINEAR_INPUT_OF
-    from mpq_jax.quant.gptq import gptq_quantize
-
     tokens_per_source = {src: int(np.asarray(t).size) for src, t in calibration.items()}
     losses: dict[str, float] = {}
 
