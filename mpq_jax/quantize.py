@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Quantize a Llama/Qwen checkpoint, evaluate it, and save the packed model.",
     )
     parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
+    parser.add_argument("--model", help="checkpoint to quantize (default: the config's model)")
     parser.add_argument("--output", help="output folder (default: the config's output_dir)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_config(args.config)
+        if args.model:
+            config = dataclasses.replace(config, model=args.model)
         if args.output:
             config = dataclasses.replace(config, output_dir=args.output)
         report = run(config, Path(config.output_dir))

@@ -48,10 +48,15 @@ MODEL_CLASSES = {
 }
 
 
-def write_tiny_checkpoint(family: str, directory, sharded: bool, seed: int = 0):
-    """A randomly initialised transformers model saved to `directory`; returns the torch model."""
+def write_tiny_checkpoint(family: str, directory, sharded: bool, seed: int = 0, **overrides):
+    """A randomly initialised transformers model saved to `directory`; returns the torch model.
+
+    `overrides` replace config fields (e.g. a real tokenizer's `vocab_size`).
+    """
     torch.manual_seed(seed)
     config = FAMILIES[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = MODEL_CLASSES[type(config).__name__](config).eval()
     with torch.no_grad():
         # transformers initialises biases to 0 and norms to 1; randomise them so a dropped

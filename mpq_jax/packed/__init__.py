@@ -1,6 +1,6 @@
 """Packed storage of quantized layers: bit packing, the QuantizedLinear contract, save/load."""
 
-from mpq_jax.packed.bitpack import pack, packed_words, unpack
+from mpq_jax.packed.planes import pack_codes, unpack_codes
 from mpq_jax.packed.io import load_quantized, save_quantized
 from mpq_jax.packed.qlinear import (
     QuantizedLinear,
@@ -20,9 +20,8 @@ __all__ = [
     "make_dense_segment",
     "make_segment",
     "model_bits_per_weight",
-    "pack",
-    "packed_words",
+    "pack_codes",
     "save_quantized",
     "storage_bits",
-    "unpack",
+    "unpack_codes",
 ]

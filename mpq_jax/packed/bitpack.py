@@ -1,6 +1,9 @@
-"""Bit packing of small unsigned integer codes into uint32 words.
+"""Row-bitstream packing: the storage layout of format-1 checkpoints, read for conversion only.
 
-Layout (the storage format; kernels convert from it, they do not redefine it):
+New checkpoints store codes in bit planes (`mpq_jax.packed.planes`); `mpq_jax.packed.io`
+uses `unpack` here to convert format-1 files on load, and `pack` to write them in tests.
+
+Layout 1:
 each row along the last axis is a little-endian bitstream. Value j of a row occupies
 stream bits [j*bits, (j+1)*bits); word k holds stream bits [32k, 32k+32), bit 0 being the
 least significant bit of the word. The row is zero-padded to a multiple of 32 values, so
@@ -10,7 +13,7 @@ every block of 32 values fills exactly `bits` words whatever the width (3-, 5-, 
 `pack` runs on the host (numpy; it is called once when a layer is stored).
 `unpack` is pure jnp, jitted with bits and n static (it inlines into callers' jits).
 
-Not here: what the codes mean (see `mpq_jax.quant.grid`) or any kernel-specific layout.
+Not here: what the codes mean (see `mpq_jax.quant.grid`) or the current layout.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A checkpoint is a directory holding two files:
   model.safetensors   every tensor, named by its dotted path in the tree, e.g.
                       `layers.0.self_attn.q_proj.perm`, `...q_proj.seg1.codes`,
                       `...q_proj.seg0.dense`, `...q_proj.lowrank_a`, `embed_tokens.weight`
-  mpq_manifest.json   {"format": "mpq-jax-packed", "format_version": 1, "metadata": {...},
+  mpq_manifest.json   {"format": "mpq-jax-packed", "format_version": 2, "metadata": {...},
                        "tree": nested description of the dict/list/tuple structure,
                        "qlinears": {path: in/out features, segments, low-rank rank, bias}}
 
@@ -16,6 +16,11 @@ manifest and raises `CheckpointError` naming the file, the tensor or field, and 
 Tree nodes are dicts (string keys without '.'), lists, tuples, None, arrays (numpy or jax;
 dtypes are preserved exactly, bfloat16 included) and QuantizedLinears. Loaded arrays are
 jax arrays; with jax's default 32-bit mode a float64 array comes back as float32.
+
+Format versions: 2 stores QuantizedLinear's layout 2 (see qlinear.py: bit-plane codes and
+output-minor scales/zeros, read directly by the kernels). Version 1 files (row-bitstream
+codes, output-packed zeros) are converted to layout 2 while loading, value for value, so
+an old checkpoint dequantizes to exactly the same weights.
 
 Not here: reading original Hugging Face / GGUF checkpoints (mpq_jax.models).
 """
@@ -37,12 +42,15 @@ import safetensors
 import safetensors.numpy
 
 from mpq_jax.errors import CheckpointError
+from mpq_jax.packed import bitpack
+from mpq_jax.packed.planes import pack_codes
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, Segment
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "mpq-jax-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1 is converted on load
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "mpq_manifest.json"
 
@@ -194,7 +202,7 @@ def load_quantized(directory):
         reader = safetensors.safe_open(str(tensors_path), framework="numpy")
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{tensors_path} cannot be read ({err}); the file is corrupt, save it again") from err
-    loader = _Loader(reader, tensors_path, directory / MANIFEST_FILE, manifest["qlinears"])
+    loader = _Loader(reader, tensors_path, directory / MANIFEST_FILE, manifest["qlinears"], manifest["format_version"])
     params = loader.build(manifest["tree"], ())
     unused = set(reader.keys()) - loader.used
     if unused:
@@ -213,10 +221,10 @@ def _read_manifest(directory: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}; not an mpq-jax checkpoint")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{path}: field 'format_version' is {manifest.get('format_version')!r}, this mpq-jax reads "
-            f"{FORMAT_VERSION}; use the mpq-jax version that wrote it"
+            f"{', '.join(map(str, READABLE_VERSIONS))}; use the mpq-jax version that wrote it"
         )
     for field, kind in (("tree", dict), ("qlinears", dict), ("metadata", dict)):
         if not isinstance(manifest.get(field), kind):
@@ -227,8 +235,9 @@ def _read_manifest(directory: Path) -> dict:
 class _Loader:
     """Rebuilds the tree from the manifest description, reading tensors by dotted path."""
 
-    def __init__(self, reader, tensors_path: Path, manifest_path: Path, qlinears: dict):
+    def __init__(self, reader, tensors_path: Path, manifest_path: Path, qlinears: dict, version: int):
         self.reader = reader
+        self.version = version
         self.keys = set(reader.keys())
         self.tensors_path = tensors_path
         self.manifest_path = manifest_path
@@ -309,6 +318,8 @@ class _Loader:
         bits = int(spec["bits"])
         fields = ("dense",) if bits == DENSE_BITS else ("codes", "scale", "zero")
         arrays = {f: self.array(f"{name}.seg{i}.{f}") for f in fields}
+        if self.version == 1:
+            arrays = _layout1_to_layout2(arrays, bits, int(spec["stop"]) - int(spec["start"]))
         return Segment(
             start=int(spec["start"]),
             stop=int(spec["stop"]),
@@ -319,3 +330,20 @@ class _Loader:
 
     def array(self, name: str) -> jax.Array:
         return jnp.asarray(self.tensor(name))
+
+
+def _layout1_to_layout2(arrays: dict, bits: int, n_cols: int) -> dict:
+    """A format-1 segment's arrays in layout 2 (same values; see the module docstring)."""
+    if bits == DENSE_BITS:
+        return {"dense": jnp.asarray(arrays["dense"]).T}
+    try:
+        codes = np.asarray(bitpack.unpack(arrays["codes"], bits, n_cols))  # [out, cols]
+        out_features = codes.shape[0]
+        zero = np.asarray(bitpack.unpack(arrays["zero"], bits, out_features))  # [groups, out]
+    except ValueError as err:
+        raise CheckpointError(f"format-1 segment cannot be converted: {err}") from err
+    return {
+        "codes": jnp.asarray(pack_codes(codes.T, bits)),
+        "scale": jnp.asarray(arrays["scale"]).T,
+        "zero": jnp.asarray(zero.astype(np.uint8)),
+    }

@@ -7,23 +7,28 @@ RTN, GPTQ, AMLQ, TAMMP and QAT all emit this structure; save/load, evaluation, k
 generation consume only it. Both classes are JAX pytrees: arrays are leaves, column ranges
 and bit widths are static aux data (so jit retraces once per layer structure).
 
-Storage dtypes: codes are uint32 words packed by `bitpack` along the column axis,
-zero-points along the output axis (one packed row per group, as GPTQ's `qzeros`, so that a
-layer with few groups does not pay for padding); scales, dense columns, low-rank factors and
-bias are float16.
+Storage layout (layout 2, chosen for the kernels; `pallas_kernels/README.md` argues it):
+every per-segment array has the output axis last, so a kernel tile over outputs is one
+contiguous load. Codes are uint32 bit-plane words [bits, ceil(cols / 32), out]
+(`mpq_jax.packed.planes`); scales are float16 [groups, out]; zero points are uint8
+[groups, out] (one byte per group and output: a zero packed below a byte would save at most
+0.05 bits per weight at group 128 but cost every kernel tile a lane shuffle); dense columns
+are float16 [cols, out]; low-rank factors and bias are float16. Files written in layout 1
+(codes as row bitstreams [out, words], zeros packed along the output axis) are converted
+when loaded (`mpq_jax.packed.io`).
 
 Bits per weight is computed from the stored arrays alone (`storage_bits`), so a budget and
 a report can never disagree with what is on disk:
 
     storage_bits = sum over every stored array except `perm` of (entries * bits per entry)
-                 = 32 * (code words + zero words) + 16 * (scales + dense + A + B + bias)
+                 = 32 * code words + 8 * zeros + 16 * (scales + dense + A + B + bias)
     bits_per_weight = storage_bits / (out_features * in_features)
 
 `perm` is not counted: it is one int vector per layer (about 32/out bits per weight) that a
 kernel can absorb into the order of the activations or of the previous layer's outputs.
 The bias is counted even when the original model had one: everything stored is counted.
-Packing pads every packed row to a multiple of 32 values; Llama/Qwen widths are multiples
-of 32, so in practice nothing is padded.
+Packing pads a segment's columns to a multiple of 32; Llama/Qwen widths are multiples of
+32, so uniform layers are never padded.
 
 Not here: how codes are chosen (mpq_jax.quant), file I/O (io.py), fast kernels
 (pallas_kernels/, which convert from this layout). `apply` is the plain-jnp reference.
@@ -39,21 +44,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpq_jax.packed.bitpack import MAX_BITS, MIN_BITS, pack, packed_words, unpack
+from mpq_jax.packed.planes import MAX_BITS, MIN_BITS, n_blocks, pack_codes, unpack_codes
 from mpq_jax.quant.grid import dequantize_codes
 
 DENSE_BITS = 16  # a segment of this width keeps its columns unquantized, in float16
 STORAGE_FLOAT = jnp.float16  # dtype of every stored float array (scale, dense, A, B, bias)
+ZERO_DTYPE = jnp.uint8  # zero-point codes, one per group and output
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Segment:
     """A contiguous range [start, stop) of permuted columns quantized at one bit width.
 
-    codes: uint32 [out, packed_words(stop - start, bits)]      (bits < 16)
-    scale: float16 [out, n_groups]                              (bits < 16)
-    zero:  uint32 [n_groups, packed_words(out, bits)]           (bits < 16)
-    dense: float16 [out, stop - start]                          (bits == 16 only)
+    codes: uint32 [bits, n_blocks(stop - start), out]   (bits < 16; see mpq_jax.packed.planes)
+    scale: float16 [n_groups, out]                        (bits < 16)
+    zero:  uint8 [n_groups, out]                          (bits < 16)
+    dense: float16 [stop - start, out]                    (bits == 16 only)
     Groups of `group_size` columns start at `start`; the last may be shorter.
     Dense segments have group_size 0 and no groups.
     """
@@ -78,18 +84,22 @@ class Segment:
         return math.ceil(self.n_cols / self.group_size)
 
     def zero_points(self) -> jax.Array:
-        """int32 [out, n_groups] zero-point codes, unpacked from their output-axis packing."""
-        return unpack(self.zero, self.bits, self.scale.shape[0]).T
+        """int32 [out, n_groups] zero-point codes."""
+        return self.zero.astype(jnp.int32).T
 
     def dequantize(self) -> jax.Array:
         """float32 [out, stop - start] weights of this segment's columns (permuted order)."""
+        return self.dequantize_t().T
+
+    def dequantize_t(self) -> jax.Array:
+        """float32 [stop - start, out]: the weights as the kernels lay them out (inputs first)."""
         if self.bits == DENSE_BITS:
             return self.dense.astype(jnp.float32)
-        q = unpack(self.codes, self.bits, self.n_cols)  # [out, cols]
-        zero = self.zero_points()
+        q = unpack_codes(self.codes, self.bits, self.n_cols)  # [cols, out]
         group_of_col = np.arange(self.n_cols) // self.group_size  # static [cols]
-        scale = self.scale.astype(jnp.float32)
-        return dequantize_codes(q, scale[:, group_of_col], zero[:, group_of_col])
+        scale = self.scale.astype(jnp.float32)[group_of_col]
+        zero = self.zero.astype(jnp.int32)[group_of_col]
+        return dequantize_codes(q, scale, zero)
 
     def validate(self, out_features: int) -> None:
         """Raise ValueError naming the field if shapes, dtypes or widths are inconsistent."""
@@ -97,7 +107,7 @@ class Segment:
         if not 0 <= self.start < self.stop:
             raise ValueError(f"{where}: need 0 <= start < stop")
         if self.bits == DENSE_BITS:
-            _expect(self.dense, (out_features, self.n_cols), STORAGE_FLOAT, f"{where}.dense")
+            _expect(self.dense, (self.n_cols, out_features), STORAGE_FLOAT, f"{where}.dense")
             if any(a is not None for a in (self.codes, self.scale, self.zero)):
                 raise ValueError(f"{where}: a 16-bit segment stores only `dense`")
             return
@@ -107,9 +117,9 @@ class Segment:
             raise ValueError(f"{where}: group_size must be >= 1, got {self.group_size}")
         if self.dense is not None:
             raise ValueError(f"{where}: a {self.bits}-bit segment must not store `dense`")
-        _expect(self.codes, (out_features, packed_words(self.n_cols, self.bits)), jnp.uint32, f"{where}.codes")
-        _expect(self.scale, (out_features, self.n_groups), STORAGE_FLOAT, f"{where}.scale")
-        _expect(self.zero, (self.n_groups, packed_words(out_features, self.bits)), jnp.uint32, f"{where}.zero")
+        _expect(self.codes, (self.bits, n_blocks(self.n_cols), out_features), jnp.uint32, f"{where}.codes")
+        _expect(self.scale, (self.n_groups, out_features), STORAGE_FLOAT, f"{where}.scale")
+        _expect(self.zero, (self.n_groups, out_features), ZERO_DTYPE, f"{where}.zero")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,7 +159,7 @@ class QuantizedLinear:
         if not segments:
             raise ValueError("segments: a QuantizedLinear needs at least one segment")
         first = segments[0]
-        out_features = int((first.dense if first.bits == DENSE_BITS else first.codes).shape[0])
+        out_features = int((first.dense if first.bits == DENSE_BITS else first.codes).shape[-1])
         in_features = segments[-1].stop
         perm = np.arange(in_features) if perm is None else perm
         ql = cls(
@@ -255,6 +265,8 @@ def make_segment(codes, scale, zero, bits: int, start: int, group_size: int) -> 
         raise ValueError(f"zero must be [out, n_groups] = {(out, n_groups)}, got {zero.shape}")
     if not np.array_equal(zero, np.round(zero)):
         raise ValueError("zero must hold integer codes")
+    if zero.size and (zero.min() < 0 or zero.max() >= 2**bits):
+        raise ValueError(f"zero must hold {bits}-bit codes in [0, {2**bits - 1}], got [{zero.min()}, {zero.max()}]")
     scale16 = scale.astype(np.float16)
     if not np.all(np.isfinite(scale16)):
         raise ValueError("scale has values that are not finite in float16")
@@ -263,9 +275,9 @@ def make_segment(codes, scale, zero, bits: int, start: int, group_size: int) -> 
         stop=int(start) + cols,
         bits=int(bits),
         group_size=int(group_size),
-        codes=jnp.asarray(pack(codes.astype(np.int64), bits)),
-        scale=jnp.asarray(scale16),
-        zero=jnp.asarray(pack(zero.T.astype(np.int64), bits)),
+        codes=jnp.asarray(pack_codes(codes.T.astype(np.int64), bits)),
+        scale=jnp.asarray(scale16.T),
+        zero=jnp.asarray(zero.T.astype(np.uint8)),
     )
     seg.validate(out)
     return seg
@@ -276,7 +288,7 @@ def make_dense_segment(w_cols, start: int) -> Segment:
     w_cols = np.asarray(w_cols)
     if w_cols.ndim != 2:
         raise ValueError(f"w_cols must be [out, cols], got shape {w_cols.shape}")
-    dense = _to_storage_float(w_cols, "dense")
+    dense = _to_storage_float(w_cols.T, "dense")
     seg = Segment(start=int(start), stop=int(start) + w_cols.shape[1], bits=DENSE_BITS, group_size=0, dense=dense)
     seg.validate(w_cols.shape[0])
     return seg

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mpq_jax.packed.bitpack import MAX_BITS, MIN_BITS
+from mpq_jax.packed.planes import MAX_BITS, MIN_BITS
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, make_dense_segment, make_segment
 from mpq_jax.quant.grid import dequantize_codes, min_max_params, quantize_codes, round_scale_to_fp16
 

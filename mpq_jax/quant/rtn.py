@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpq_jax.packed.bitpack import MAX_BITS, MIN_BITS
+from mpq_jax.packed.planes import MAX_BITS, MIN_BITS
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, make_dense_segment, make_segment
 from mpq_jax.quant.grid import min_max_params, quantize_codes, round_scale_to_fp16
 

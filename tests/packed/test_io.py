@@ -155,3 +155,41 @@ def test_shape_mismatch_names_the_tensor(tmp_path, name, expected):
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         load_quantized(tmp_path / "nowhere")
+
+
+def write_format1(directory, params):
+    """Rewrite a format-2 checkpoint as format 1 would have stored it (row bitstreams)."""
+    from mpq_jax.packed import bitpack
+
+    save_quantized(directory, params, {"note": "old"})
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    tensors = safetensors.numpy.load_file(str(directory / TENSORS_FILE))
+    for name, spec in manifest["qlinears"].items():
+        for i, seg in enumerate(spec["segments"]):
+            prefix = f"{name}.seg{i}"
+            if seg["bits"] == 16:
+                tensors[f"{prefix}.dense"] = np.ascontiguousarray(tensors[f"{prefix}.dense"].T)
+                continue
+            cols = seg["stop"] - seg["start"]
+            from mpq_jax.packed.planes import unpack_codes
+
+            codes = np.asarray(unpack_codes(tensors[f"{prefix}.codes"], seg["bits"], cols)).T  # [out, cols]
+            tensors[f"{prefix}.codes"] = bitpack.pack(codes, seg["bits"])
+            tensors[f"{prefix}.scale"] = np.ascontiguousarray(tensors[f"{prefix}.scale"].T)
+            tensors[f"{prefix}.zero"] = bitpack.pack(tensors[f"{prefix}.zero"].astype(np.int64), seg["bits"])
+    manifest["format_version"] = 1
+    safetensors.numpy.save_file(tensors, str(directory / TENSORS_FILE))
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_format1_checkpoint_is_converted_on_load_value_for_value(tmp_path):
+    params = small_params(3)
+    write_format1(tmp_path / "old", params)
+    loaded, metadata = load_quantized(tmp_path / "old")
+    assert metadata == {"note": "old"}
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(params)
+    for leaf_a, leaf_b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
+    # Saving the converted tree again writes format 2, bit for bit what the original saves.
+    save_quantized(tmp_path / "new", loaded, {})
+    assert json.loads((tmp_path / "new" / MANIFEST_FILE).read_text())["format_version"] == 2

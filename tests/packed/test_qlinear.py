@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpq_jax.packed.bitpack import packed_words
+from mpq_jax.packed.planes import n_blocks
 from mpq_jax.packed.qlinear import (
     QuantizedLinear,
     Segment,
@@ -63,7 +63,7 @@ def test_dequantize_matches_reference_exactly():
 def test_segment_dequantize_with_short_last_group():
     rng = np.random.default_rng(1)
     seg, ref = random_segment(rng, 5, 0, 576, 4, 128)
-    assert seg.n_groups == 5 and seg.scale.shape == (5, 5)
+    assert seg.n_groups == 5 and seg.scale.shape == (5, 5) and seg.codes.shape == (4, 18, 5)
     np.testing.assert_array_equal(np.asarray(seg.dequantize(), np.float64), ref)
 
 
@@ -117,11 +117,11 @@ def test_bpw_literal_single_group():
 
 def test_bpw_literal_smollm_width():
     # SmolLM2's in=576 with g=128 -> 5 groups (last has 64 columns), out=64:
-    # 4 + 5*16/576 (scales) + 5 groups * 8 words * 32 / (64*576) (zeros) = 4.1666...
+    # 4 + 5*16/576 (fp16 scales) + 5*8/576 (uint8 zeros) = 4.2083...
     seg, _ = random_segment(np.random.default_rng(9), 64, 0, 576, 4, 128)
     ql = QuantizedLinear.create([seg])
-    assert storage_bits(ql) == 64 * 576 * 4 + 64 * 5 * 16 + 5 * 8 * 32
-    assert bits_per_weight(ql) == pytest.approx(4 + 5 * 16 / 576 + 5 * 4 / 576)
+    assert storage_bits(ql) == 64 * 576 * 4 + 64 * 5 * 16 + 64 * 5 * 8
+    assert bits_per_weight(ql) == pytest.approx(4 + 5 * 16 / 576 + 5 * 8 / 576)
 
 
 def test_bpw_counts_every_stored_array():
@@ -129,8 +129,8 @@ def test_bpw_counts_every_stored_array():
     out = 24
     expected = (
         out * 40 * 16  # dense segment
-        + out * packed_words(200, 3) * 32 + out * 4 * 16 + 4 * packed_words(out, 3) * 32  # 3-bit, 4 groups
-        + out * packed_words(336, 2) * 32 + out * 3 * 16 + 3 * packed_words(out, 2) * 32  # 2-bit, 3 groups
+        + 3 * n_blocks(200) * out * 32 + out * 4 * (16 + 8)  # 3-bit (200 cols padded to 224), 4 groups
+        + 2 * n_blocks(336) * out * 32 + out * 3 * (16 + 8)  # 2-bit, 3 groups
         + (out * 3 + 3 * 576) * 16  # low-rank B and A
         + out * 16  # bias
     )

@@ -71,3 +71,48 @@ def test_gptq_beats_rtn_at_3_bits_on_smollm2(default_model, wikitext_tokens, sha
     rtn_ppl = perplexity(quantize_model_rtn(default_model.params, 3, 64), default_model.spec, windows, progress=False).ppl
     fp_ppl = perplexity(default_model.params, default_model.spec, windows, progress=False).ppl
     assert fp_ppl < gptq_ppl < rtn_ppl, (fp_ppl, gptq_ppl, rtn_ppl)
+
+
+# Each shipped 7B-class GPTQ config, run through the CLI unchanged except for the model (a
+# tiny random one of the same family), the calibration size and the evaluation windows.
+LARGE_CONFIGS = {
+    "llama2-7b-gptq-4bit-g128.yaml": "llama",
+    "llama3.1-8b-gptq-4bit-g128.yaml": "llama3.1-rope",
+    "qwen2.5-7b-gptq-4bit-g128.yaml": "qwen2",
+}
+
+
+@pytest.mark.parametrize("config_name", sorted(LARGE_CONFIGS))
+def test_large_model_configs_run_on_a_tiny_model_of_their_family(config_name, tmp_path):
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from mpq_jax.models.checkpoint import default_model_path, load_tokenizer
+    from mpq_jax.quantize import main
+
+    tokenizer = load_tokenizer(default_model_path())
+    source = tmp_path / "tiny"
+    # Wide enough for one 128-column group, with the real tokenizer's vocabulary.
+    tiny_checkpoints.write_tiny_checkpoint(
+        LARGE_CONFIGS[config_name], source, sharded=True, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256
+    )
+    tokenizer.save_pretrained(str(source))
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / config_name).read_text())
+    assert config["quantization"]["method"] == "gptq" and config["dtype"] == "bfloat16"
+    config["calibration"].update(n_samples=2, seq_len=64)
+    config["eval"]["perplexity"].update(seq_len=64, max_windows=2)
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["--config", str(run_config), "--model", str(source), "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == str(source) and report["config"]["quantization"]["bits"] == 4
+    assert all("gptq_loss" in layer for layer in report["layers"]) and len(report["layers"]) == 2 * 7
+    assert np.isfinite(report["perplexity"]["ppl"])
+    from mpq_jax.models import load_model
+
+    reloaded = load_model(out / "model")
+    assert all(isinstance(layer, QuantizedLinear) for *_, layer in iter_block_linears(reloaded.params))
