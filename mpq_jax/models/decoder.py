@@ -34,6 +34,7 @@ import numpy as np
 
 from mpq_jax.models.spec import ModelSpec
 from mpq_jax.packed.qlinear import QuantizedLinear
+from pallas_kernels.dispatch import quantized_matmul
 
 Params = dict
 
@@ -89,9 +90,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def linear(layer, x: jax.Array) -> jax.Array:
-    """x: [..., in] -> [..., out] through a dense `{"weight", "bias"?}` or a QuantizedLinear."""
+    """x: [..., in] -> [..., out] through a dense `{"weight", "bias"?}` or a QuantizedLinear.
+
+    A QuantizedLinear goes through the kernel dispatch: the Pallas kernel of the backend on
+    GPU/TPU, the plain-jnp reference on CPU.
+    """
     if isinstance(layer, QuantizedLinear):
-        return layer.apply(x)
+        return quantized_matmul(x, layer)
     y = x @ layer["weight"].T
     if "bias" in layer:
         y = y + layer["bias"]

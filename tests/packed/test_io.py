@@ -71,7 +71,7 @@ def test_round_trip_is_bit_identical(tmp_path):
 def test_manifest_describes_layers_and_names_tensors(tmp_path):
     save_quantized(tmp_path / "ckpt", small_params(), {})
     manifest = json.loads((tmp_path / "ckpt" / MANIFEST_FILE).read_text())
-    assert manifest["format"] == "mpq-jax-packed" and manifest["format_version"] == 1
+    assert manifest["format"] == "mpq-jax-packed" and manifest["format_version"] == 2
     spec = manifest["qlinears"]["layers.0.self_attn.q_proj"]
     assert spec["segments"] == [
         {"start": 0, "stop": 16, "bits": 16, "group_size": 0},

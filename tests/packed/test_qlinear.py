@@ -106,13 +106,13 @@ def test_jit_and_tree_map():
 
 
 def test_bpw_literal_single_group():
-    # 4-bit, out=32, in=128, g=128: codes 16 words/row, one fp16 scale per row, and the
-    # zero-points of the 32 rows pack into one 4-word row: 4 + 16/128 + 4/128 = 4.15625.
+    # 4-bit, out=32, in=128, g=128: codes 4 words x 4 blocks per output, one fp16 scale and
+    # one uint8 zero per output: 4 + 16/128 + 8/128 = 4.1875.
     rng = np.random.default_rng(8)
     seg, _ = random_segment(rng, 32, 0, 128, 4, 128)
     ql = QuantizedLinear.create([seg])
-    assert storage_bits(ql) == 32 * (16 * 32 + 16) + 4 * 32
-    assert bits_per_weight(ql) == 4.15625
+    assert storage_bits(ql) == 32 * (16 * 32 + 16 + 8)
+    assert bits_per_weight(ql) == 4.1875
 
 
 def test_bpw_literal_smollm_width():
