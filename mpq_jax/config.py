@@ -31,7 +31,7 @@ class QuantizationConfig:
     group_size: int = 128  # input columns sharing one scale/zero; the last group may be shorter
     symmetric: bool = False  # symmetric grid (zero fixed at 2^(bits-1)) instead of min-max
     act_order: bool = True  # gptq: process columns by descending Hessian diagonal
-    static_groups: bool = False  # gptq: group scales from the original weights, not the updated ones
+    static_groups: bool = True  # gptq: groups of consecutive ORIGINAL columns, grids from the original weights
     percdamp: float = 0.01  # gptq: damping added to diag(H), relative to its mean
     # gptq: which block outputs feed the next block; "fp" makes Hessians independent of the
     # quantization settings, so they are cached on disk (MPQ_CACHE_DIR) and shared across runs

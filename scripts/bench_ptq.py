@@ -7,8 +7,8 @@
 
 Every row is scored on the same first K windows of 2048 tokens (`--windows 0` = the whole
 test text), so rows compare methods, not text. Rows: FP (the model as loaded) and RTN at
-8/4/3/2 bits with group sizes 128 and 64, and GPTQ (act-order) at 4/3/2 bits with group
-sizes 128 and 64, calibrated by default on 64 x 512 tokens of the Wikipedia calibration
+8/4/3/2 bits with group sizes 128 and 64, and GPTQ (act-order, static groups) at 4/3/2
+bits with group sizes 128 and 64, calibrated by default on 64 x 512 tokens of the Wikipedia calibration
 split. GPTQ rows use the unquantized model's Hessians (propagate: fp), computed once per
 (model, calibration) and cached on disk, so the rows — and later runs — share them; the
 first GPTQ row's seconds include that capture. Writes a JSON list of rows with keys
@@ -71,7 +71,7 @@ def quantize_row(model, method: str, bits: int, group_size: int, calibration, ca
     if method == "gptq":
         params, _ = quantize_model_gptq(
             model.params, model.spec, calibration, bits=bits, group_size=group_size, act_order=True,
-            propagate_quantized=like_peer, hessian_cache=None if like_peer else cache,
+            static_groups=True, propagate_quantized=like_peer, hessian_cache=None if like_peer else cache,
         )
         return params
     raise ValueError(f"unknown method {method}")

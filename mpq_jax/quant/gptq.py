@@ -6,10 +6,17 @@ spread over the not-yet-quantized columns through the upper Cholesky factor of H
 
 What callers choose, so that later methods reuse this core unchanged:
   - the column order (`perm`, or act-order by descending diag(H), or the identity);
-  - a bit width per group of `group_size` consecutive columns *in that order* (2..8, or 16
-    for columns kept dense in fp16 that still pass their successors' errors along);
-  - group parameters found on the fly from the error-updated columns (the paper) or up front
-    from the original W (`static_groups`).
+  - a bit width per group (2..8, or 16 for columns kept dense in fp16 that still pass their
+    successors' errors along);
+  - what a group is: `group_size` consecutive columns *in the processing order*, with grid
+    parameters found on the fly from the error-updated columns when the group starts (the
+    paper; AMLQ's importance-ordered groups and TAMMP's column classes use this), or
+    (`static_groups`, the GPTQ reference code's option, llm-compressor's act-order
+    "static") consecutive columns *in the original order*, with parameters fixed up front
+    from the original W while the columns are still processed in act-order. The stored
+    layer then keeps the original column order (identity perm), so no group index is
+    needed. On SmolLM2 at 3 bits, act-order with static groups gave a lower layer loss than
+    with processing-order groups (scripts/bench_ptq.py --peer runs both).
 
 The column loop is one jitted program of `lax.fori_loop`s with static shapes (W padded to
 a whole number of blocks), so its compile time does not depend on the layer width, and it
@@ -43,7 +50,7 @@ MAX_DAMPING_RETRIES = 4  # each retry multiplies the relative damping by 10
 
 @dataclasses.dataclass(frozen=True)
 class GPTQResult:
-    qlinear: QuantizedLinear  # the packed layer; its perm is the processing order
+    qlinear: QuantizedLinear  # the packed layer; perm is the processing order (identity with static groups)
     loss: float  # trace((W - Ŵ) H (W - Ŵ)^T) with the undamped H passed in, in float64
     damping: float  # relative damping actually used (percdamp, or larger after retries)
 
@@ -64,17 +71,24 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Quantize w [out, in] with GPTQ given hessian [in, in]; see the module docstring.
 
-    group_bits: [ceil(in / group_size)] bit width per group of consecutive permuted columns.
+    group_bits: [ceil(in / group_size)] bit width per group: of consecutive permuted columns,
+    or of consecutive original columns with static_groups.
     perm: [in] processing order (permuted column p is original column perm[p]); overrides
     act_order. Raises ValueError naming the argument for inconsistent inputs.
     """
     perm, Q, codes, scale, zero, damping = _quantize_columns(
         w, hessian, group_bits, group_size, perm, act_order, static_groups, symmetric, percdamp, block_size
     )
-    segments = _segments(Q, codes, scale, zero, np.asarray(group_bits), group_size)
-    qlinear = QuantizedLinear.create(segments, perm=perm, bias=bias)
     w_hat = np.empty_like(Q)
     w_hat[:, perm] = Q
+    if static_groups:  # groups live in the original order: store it, with no permutation
+        codes_orig = np.empty_like(codes)
+        codes_orig[:, perm] = codes
+        segments = _segments(w_hat, codes_orig, scale, zero, np.asarray(group_bits), group_size)
+        qlinear = QuantizedLinear.create(segments, bias=bias)
+    else:
+        segments = _segments(Q, codes, scale, zero, np.asarray(group_bits), group_size)
+        qlinear = QuantizedLinear.create(segments, perm=perm, bias=bias)
     return GPTQResult(qlinear=qlinear, loss=layer_loss(w, w_hat, hessian), damping=damping)
 
 
@@ -119,12 +133,24 @@ def _quantize_columns(
     U = np.eye(n_pad, dtype=np.float32)
     U[:n_in, :n_in] = Hinv
     # One bit width per group slot of the padded width; slots past the real groups are dense.
-    bits_pad = np.full(n_pad // group_size + 1, DENSE_BITS, np.int32)
+    n_slots = n_pad // group_size + 1
+    bits_pad = np.full(n_slots, DENSE_BITS, np.int32)
     bits_pad[:n_groups] = bits
+    # Group slot of each processed column: its position's group, or (static groups) its
+    # original column's; padded columns fall in the last, dense slot.
+    col_group = np.full(n_pad, n_slots - 1, np.int32)
+    col_group[:n_in] = (perm if static_groups else np.arange(n_in)) // group_size
+    if static_groups:
+        scale0, zero0 = _static_group_params(W, bits_pad, group_size, symmetric)
+    else:
+        scale0 = zero0 = np.zeros((n_out, n_slots), np.float32)  # found when each group starts
     Q, codes, scale, zero = _gptq_loop(
         jnp.asarray(W_pad),
         jnp.asarray(U),
         jnp.asarray(bits_pad),
+        jnp.asarray(col_group),
+        jnp.asarray(scale0),
+        jnp.asarray(zero0),
         n_in=n_in,
         group_size=int(group_size),
         block_size=int(block_size),
@@ -198,6 +224,19 @@ def _inverse_cholesky_upper(H):
     return jnp.triu(jnp.linalg.cholesky(L_inv.T @ L_inv).T)
 
 
+def _static_group_params(W, bits_pad, group_size: int, symmetric: bool):
+    """Grids of consecutive original columns of W [out, in], one per group slot (host side)."""
+    n_out, n_in = W.shape
+    n_slots = len(bits_pad)
+    padded = np.zeros((n_out, n_slots * group_size), np.float32)
+    padded[:, :n_in] = W
+    real = (np.arange(n_slots * group_size) < n_in).reshape(n_slots, group_size)
+    # Dense slots get a throwaway 8-bit grid (never used); 16 is not a valid grid width.
+    grid_bits = np.where(bits_pad == DENSE_BITS, 8, bits_pad)
+    scale, zero = _group_params(padded.reshape(n_out, n_slots, group_size), real, jnp.asarray(grid_bits), symmetric)
+    return np.asarray(scale), np.asarray(zero)
+
+
 def _group_params(w_cols, real, bits, symmetric: bool):
     """(scale rounded to fp16, zero) of grid over the `real` columns of w_cols [..., n].
 
@@ -211,29 +250,20 @@ def _group_params(w_cols, real, bits, symmetric: bool):
 @functools.partial(
     jax.jit, static_argnames=("n_in", "group_size", "block_size", "symmetric", "static_groups")
 )
-def _gptq_loop(W, U, group_bits, *, n_in, group_size, block_size, symmetric, static_groups):
+def _gptq_loop(W, U, group_bits, col_group, scales0, zeros0, *, n_in, group_size, block_size, symmetric, static_groups):
     """The column loop over W [out, P] (permuted, P a multiple of block_size).
 
-    U: [P, P] upper Cholesky factor of H^-1; group_bits: int32 [n_groups + pad] (16 = dense).
-    Returns Q f32 [out, P], codes int32 [out, P], scale/zero f32 [out, len(group_bits)].
+    U: [P, P] upper Cholesky factor of H^-1; group_bits: int32 [slots] (16 = dense);
+    col_group: int32 [P] group slot of each processed column; scales0/zeros0 [out, slots]:
+    the static groups' parameters (ignored, and found on the fly, without static groups).
+    Returns Q f32 [out, P], codes int32 [out, P], scale/zero f32 [out, slots].
     """
     n_out, P = W.shape
     B = block_size
     cols = jnp.arange(P)
-    col_group = cols // group_size  # [P]
     col_bits = group_bits[col_group]  # [P]; padded columns count as dense
     col_dense = (col_bits == DENSE_BITS) | (cols >= n_in)
     starts_group = (cols % group_size == 0) & ~col_dense
-    n_slots = group_bits.shape[0]
-
-    if static_groups:
-        W_groups = jnp.pad(W, ((0, 0), (0, n_slots * group_size - P)))
-        W_groups = W_groups.reshape(n_out, n_slots, group_size)
-        real = (jnp.arange(n_slots * group_size) < n_in).reshape(n_slots, group_size)
-        scales0, zeros0 = _group_params(W_groups, real, group_bits, symmetric)
-    else:
-        scales0 = jnp.ones((n_out, n_slots), jnp.float32)
-        zeros0 = jnp.zeros((n_out, n_slots), jnp.float32)
 
     def column(i, carry, i1, W_block_start):
         W1, Err1, Q1, C1, scales, zeros = carry

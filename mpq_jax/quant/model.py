@@ -86,7 +86,7 @@ def quantize_model_gptq(
     bits: int,
     group_size: int,
     act_order: bool = True,
-    static_groups: bool = False,
+    static_groups: bool = True,
     symmetric: bool = False,
     percdamp: float = 0.01,
     propagate_quantized: bool = True,

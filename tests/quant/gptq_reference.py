@@ -3,8 +3,10 @@
 Column by column, no lazy batching: after each column its error is applied to every later
 column at once. Same conventions as `mpq_jax.quant.gptq`: dead inputs pinned, relative
 damping with 10x retries, column order (perm > act-order > identity), per-group bits in
-processing order (16 = kept dense in fp16), group grids from the error-updated columns or
-(static) from the original W, scales rounded to fp16 before quantizing. No JAX here.
+processing order (16 = kept dense in fp16) with grids from the error-updated columns, or
+(static_groups, as the GPTQ reference code) groups of consecutive ORIGINAL columns with
+grids from the original W, bits indexed by original group; scales rounded to fp16 before
+quantizing. No JAX here.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
     dead = np.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    static = {}
+    if static_groups:  # grid of each original group, from the original W, fixed up front
+        for g in range(math.ceil(n_in / group_size)):
+            cols = W[:, g * group_size : (g + 1) * group_size]
+            if group_bits[g] != 16:
+                static[g] = grid_params(cols, int(group_bits[g]), symmetric), group_margin(cols, int(group_bits[g]), symmetric)
     if perm is None:
         perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n_in)
     perm = np.asarray(perm)
@@ -80,20 +88,21 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
     else:
         raise ValueError("no Cholesky factor")
 
-    W0 = W.copy()
     Q = np.zeros_like(W)
     err = np.zeros_like(W)
     margin = np.full_like(W, np.inf)
     for j in range(n_in):
-        g = j // group_size
+        g = perm[j] // group_size if static_groups else j // group_size
         bits = int(group_bits[g])
         g0, g1 = g * group_size, min((g + 1) * group_size, n_in)
         if bits == 16:
             q = W[:, j].astype(np.float16).astype(np.float64)
         else:
-            if j == g0:
-                scale, zero = grid_params((W0 if static_groups else W)[:, g0:g1], bits, symmetric)
-                margin[:, j] = group_margin((W0 if static_groups else W)[:, g0:g1], bits, symmetric)
+            if static_groups:
+                (scale, zero), margin[:, j] = static[g]
+            elif j == g0:
+                scale, zero = grid_params(W[:, g0:g1], bits, symmetric)
+                margin[:, j] = group_margin(W[:, g0:g1], bits, symmetric)
             codes = np.clip(np.round(W[:, j] / scale) + zero, 0, 2**bits - 1)
             margin[:, j] = np.minimum(margin[:, j], tie_margin(W[:, j] / scale))
             q = (codes - zero) * scale

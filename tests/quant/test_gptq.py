@@ -22,7 +22,7 @@ import logging
 import numpy as np
 import pytest
 
-from mpq_jax.packed.bitpack import packed_words
+from mpq_jax.packed.planes import n_blocks
 from mpq_jax.packed.qlinear import bits_per_weight
 from mpq_jax.quant import gptq
 from mpq_jax.quant.gptq import gptq_quantize, layer_loss
@@ -157,9 +157,9 @@ def test_bits_per_weight_matches_segments():
     ql = gptq_quantize(W, H, bits, GROUP).qlinear
     assert [(s.start, s.stop, s.bits) for s in ql.segments] == [(0, 128, 4), (128, 192, 16), (192, 200, 2)]
     expected = (
-        32 * (OUT * packed_words(128, 4) + 2 * packed_words(OUT, 4)) + 16 * OUT * 2
+        32 * 4 * n_blocks(128) * OUT + (16 + 8) * OUT * 2  # 4-bit codes, fp16 scales, uint8 zeros
         + 16 * OUT * 64
-        + 32 * (OUT * packed_words(8, 2) + packed_words(OUT, 2)) + 16 * OUT
+        + 32 * 2 * n_blocks(8) * OUT + (16 + 8) * OUT
     )
     assert bits_per_weight(ql) == expected / (OUT * 200)
     # Uniform bits store exactly what RTN stores.

@@ -29,7 +29,7 @@ def reference_rtn_params(w, bits, group_size, symmetric):
 
 def stored_params(ql):
     seg = ql.segments[0]
-    scale = np.asarray(seg.scale, np.float64)
+    scale = np.asarray(seg.scale, np.float64).T  # stored [groups, out]
     zero = np.asarray(seg.zero_points(), np.float64)
     return scale, zero
 
@@ -98,7 +98,7 @@ def test_short_last_group_layout():
     ql = rtn_quantize(random_weight(3, (4, 576)), 4, 128)
     seg = ql.segments[0]
     assert (seg.start, seg.stop, seg.n_groups) == (0, 576, 5)
-    assert seg.scale.shape == (4, 5)
+    assert seg.scale.shape == (5, 4)  # [groups, out]
     np.testing.assert_array_equal(np.asarray(ql.perm), np.arange(576))
 
 
