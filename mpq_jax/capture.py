@@ -155,6 +155,7 @@ def sequential_quantize(
     resume_dir: str | Path | None = None,
     fingerprint: str = "",
     hessian_cache: HessianCache | None = None,
+    block_notes: dict | None = None,
 ) -> dict:
     """Quantize every block in order; returns the new params (embedding, norms, head kept).
 
@@ -171,12 +172,18 @@ def sequential_quantize(
 
     With `hessian_cache` (only with `propagate_quantized=False`), Hessians come from the
     cache, filled first if incomplete, and no forward pass runs while quantizing.
+
+    `block_notes` is a JSON-serializable dict that `quantize_block` may add to (e.g. per-layer
+    losses for the report); it is checkpointed with the blocks and, on resume, refilled
+    with what the finished blocks had written.
     """
     if hessian_cache is not None:
         if propagate_quantized:
             raise ValueError("a Hessian cache holds the unquantized model's Hessians: use propagate_quantized=False")
         fill_hessian_cache(params, spec, calibration, hessian_cache, batch_size=batch_size, progress=progress)
-    layers, hidden = _resume(resume_dir, fingerprint)
+    layers, hidden, notes = _resume(resume_dir, fingerprint)
+    if block_notes is not None and notes:
+        block_notes.update(notes)
     if layers is None:
         embedding = params["embed_tokens"]["weight"]
         layers = []
@@ -199,17 +206,18 @@ def sequential_quantize(
             hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
         layers.append(new_layer)
         if resume_dir is not None:
-            save_quantized(resume_dir, {"layers": layers, "hidden": hidden}, {"fingerprint": fingerprint})
+            metadata = {"fingerprint": fingerprint, "block_notes": block_notes or {}}
+            save_quantized(resume_dir, {"layers": layers, "hidden": hidden}, metadata)
     return {**params, "layers": layers}
 
 
-def _resume(resume_dir: str | Path | None, fingerprint: str) -> tuple[list | None, dict | None]:
-    """(finished layers, hidden states) from a matching checkpoint, else (None, None)."""
+def _resume(resume_dir: str | Path | None, fingerprint: str) -> tuple[list | None, dict | None, dict]:
+    """(finished layers, hidden states, block notes) from a matching checkpoint, else (None, None, {})."""
     if resume_dir is None or not (Path(resume_dir) / MANIFEST_FILE).is_file():
-        return None, None
+        return None, None, {}
     state, metadata = load_quantized(resume_dir)
     if metadata.get("fingerprint") != fingerprint:
         log.warning("%s holds a run with other settings; starting over", resume_dir)
-        return None, None
+        return None, None, {}
     hidden = {src: np.asarray(h) for src, h in state["hidden"].items()}
-    return list(state["layers"]), hidden
+    return list(state["layers"]), hidden, dict(metadata.get("block_notes", {}))

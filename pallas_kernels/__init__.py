@@ -1,3 +1,8 @@
-"""Pallas dequant-matmul kernels for QuantizedLinear layers (GPU and TPU), each beside a
-plain-jnp reference, chosen by one dispatch function. Not yet implemented: see the kernels
-issue; until then `QuantizedLinear.apply` (plain jnp) is the only execution path."""
+"""Pallas dequant-matmul kernels for QuantizedLinear layers on GPU (Triton lowering) and TPU
+(Mosaic), each beside the plain-jnp reference, chosen by `quantized_matmul` on the backend.
+Layout and design: README.md in this folder."""
+
+from pallas_kernels.blocks import GPU_BLOCKS, TPU_BLOCKS, KernelBlocks
+from pallas_kernels.dispatch import kernel_backend, quantized_matmul
+
+__all__ = ["GPU_BLOCKS", "TPU_BLOCKS", "KernelBlocks", "kernel_backend", "quantized_matmul"]

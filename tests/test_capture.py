@@ -101,21 +101,28 @@ def test_killed_run_resumes_after_last_finished_block(tiny, tmp_path):
     rtn = quantize_model_rtn(params, 3, 16)
     uninterrupted = sequential_quantize(params, spec, calibration, lambda i, layer, h: rtn["layers"][i], progress=False)
 
+    notes = {}
+
     def dies_at_block_1(index, layer, hessians):
         if index == 1:
             raise Interrupted
+        notes[f"block{index}"] = 0.5
         return rtn["layers"][index]
 
     with pytest.raises(Interrupted):
-        sequential_quantize(params, spec, calibration, dies_at_block_1, resume_dir=tmp_path / "ckpt", fingerprint="f1", progress=False)
-    called = []
+        sequential_quantize(params, spec, calibration, dies_at_block_1, resume_dir=tmp_path / "ckpt", fingerprint="f1",
+                            progress=False, block_notes=notes)
+    called, notes_after = [], {}
 
     def records(index, layer, hessians):
         called.append(index)
+        notes_after[f"block{index}"] = 1.5
         return rtn["layers"][index]
 
-    resumed = sequential_quantize(params, spec, calibration, records, resume_dir=tmp_path / "ckpt", fingerprint="f1", progress=False)
+    resumed = sequential_quantize(params, spec, calibration, records, resume_dir=tmp_path / "ckpt", fingerprint="f1",
+                                  progress=False, block_notes=notes_after)
     assert called == [1]  # block 0 came from the checkpoint
+    assert notes_after == {"block0": 0.5, "block1": 1.5}  # the finished block's notes survive the kill
     x = jnp.asarray(tokens(tiny, 1, 10, 6))
     from mpq_jax.models import forward
 

@@ -136,6 +136,7 @@ def quantize_model_gptq(
         resume_dir=resume_dir,
         fingerprint=fingerprint,
         hessian_cache=hessian_cache,
+        block_notes=losses,  # a resumed run reports the finished blocks' losses too
     )
     return quantized, losses
 

@@ -62,3 +62,28 @@ def test_bench_attention_agrees_with_torch(tmp_path):
     row = json.loads(out.read_text())
     # float32 softmax-weighted sums of unit-normal values: differences at rounding level
     assert row["max_abs_difference"] < 1e-4 and row["mpq_jax_s"] > 0 and row["torch_sdpa_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_ptq_peer_columns(tmp_path, default_model, shared_dir, monkeypatch):
+    """--peer adds llm-compressor's GPTQ side by side (runs only where the compare extra is installed)."""
+    pytest.importorskip("llmcompressor", reason='needs the compare extra: pip install -e ".[compare]"')
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "peer.json"
+    argv = ["--windows", "1", "--seq-len", "64", "--methods", "gptq", "--bits", "4", "--calib-samples", "2",
+            "--calib-seq-len", "64", "--peer", "--json", str(out)]
+    assert load_script("bench_ptq").main(argv) == 0
+    rows = {r["group_size"]: r for r in json.loads(out.read_text())}
+    assert "peer_ppl" not in rows[128]  # 576 inputs are not a multiple of 128: the peer refuses
+    assert rows[64]["peer_ppl"] > 1 and rows[64]["peer_seconds"] > 0
+    # Same scheme, same calibration: on one short window the two land close together.
+    assert rows[64]["ppl"] == pytest.approx(rows[64]["peer_ppl"], rel=0.1)
+
+
+def test_bench_kernels_cpu_correctness_path(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert load_script("bench_kernels").main(["--json", str(out)]) == 0
+    assert "correctness path only" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert {r["backend"] for r in rows} == {"gpu", "tpu"} and {r["mix"] for r in rows} >= {"uniform-3", "amlq-like-r64"}
+    assert all(r["interpret"] and r["max_rel_error"] < 1e-4 for r in rows)
