@@ -188,3 +188,28 @@ def test_bias_passes_through():
 def test_invalid_inputs_name_the_argument(args, kw, field):
     with pytest.raises(ValueError, match=field):
         gptq_quantize(*args, GROUP, **kw)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_static_act_order_matches_llm_compressor_layer_loss(bits):
+    """Where the compare extra is installed: on the same W and H, our act-order GPTQ with
+    static groups and llm-compressor's (actorder="static") reach the same layer loss; the
+    only difference is that ours rounds scales to their fp16 storage value first."""
+    pytest.importorskip("llmcompressor", reason='needs the compare extra: pip install -e ".[compare]"')
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.observers.base import Observer
+
+    W, H = problem(40 + bits, n_in=256)
+    ours = gptq_quantize(W, H, [bits] * 4, 64, act_order=True, static_groups=True).loss
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=64, actorder="static")
+    observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
+    observer(torch.tensor(W))
+    qparams = observer.get_qparams()
+    peer_w, _, _ = quantize_weight(
+        weights=torch.tensor(W)[None], hessians=torch.tensor(H, dtype=torch.float32)[None],
+        scale=qparams["scale"][None], zero_point=qparams["zero_point"][None], global_scale=None,
+        quant_args=args, blocksize=128, percdamp=0.01,
+    )
+    assert ours == pytest.approx(layer_loss(W, peer_w[0].numpy(), H), rel=0.01)

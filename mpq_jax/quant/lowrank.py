@@ -1,0 +1,96 @@
+"""AMLQ's low-rank reconstruction of a layer's output error, and its sensitivity δ.
+
+For a quantized layer Ŵ = W − ΔW on inputs x (columns of X), the output error is
+y = ΔW x. AMLQ (§3.2, eqs. 8-14) takes the PCA of y over the calibration tokens:
+
+    Cov(y) = ΔW Σ ΔWᵀ,  Σ = E[x xᵀ] − μ μᵀ,  μ = E[x]          (eq. 9, from input moments)
+    Cov(y) = U S Uᵀ;  B = U_k,  A = U_kᵀ ΔW                     (eqs. 10-14)
+    b_add = E[y] − U_k U_kᵀ E[y] = (I − U_k U_kᵀ) ΔW μ            (folded into the bias)
+
+so the layer computes Ŵ x + B A x + (bias + b_add) ≈ W x + bias. Everything needed is the
+second moment E[x xᵀ] (= H / 2 for GPTQ's H = 2 X Xᵀ / N) and the mean μ: X itself is never
+kept. The sensitivity (eq. 2 and Algorithm 1 line 11) follows from the same moments,
+
+    δ = E‖W x − (Ŵ x + B A x + b_add)‖² / E‖W x‖²
+      = E‖R x − b_add‖² / tr(W M Wᵀ),   R = ΔW − B A,  M = E[x xᵀ]
+      = (tr(R M Rᵀ) − 2 b_addᵀ R μ + ‖b_add‖²) / tr(W M Wᵀ).
+
+(The bias of the original layer cancels in the difference and is left out of both norms.)
+All of it runs in float64 on the host: these are [out, out] and [out, in] products per
+layer and candidate, small next to a forward pass.
+
+Not here: choosing ranks or bits (allocate.py), quantizing (gptq.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankTerm:
+    """B [out, rank], A [rank, in] and the bias correction [out] of one layer."""
+
+    b: np.ndarray
+    a: np.ndarray
+    bias_add: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return self.b.shape[1]
+
+
+def output_error_pca(delta_w, second_moment, mean, rank: int) -> LowRankTerm:
+    """The rank-`rank` PCA term of y = ΔW x (see the module docstring); rank 0 keeps only the mean.
+
+    delta_w [out, in] = W − Ŵ; second_moment [in, in] = E[x xᵀ]; mean [in] = E[x].
+    """
+    delta_w = np.asarray(delta_w, np.float64)
+    second_moment = np.asarray(second_moment, np.float64)
+    mean = np.asarray(mean, np.float64)
+    n_out, n_in = delta_w.shape
+    if second_moment.shape != (n_in, n_in) or mean.shape != (n_in,):
+        raise ValueError(f"moments must be [{n_in}, {n_in}] and [{n_in}], got {second_moment.shape} and {mean.shape}")
+    if not 0 <= rank <= n_out:
+        raise ValueError(f"rank must be in 0..{n_out}, got {rank}")
+    mean_y = delta_w @ mean
+    if rank == 0:
+        return LowRankTerm(np.zeros((n_out, 0)), np.zeros((0, n_in)), mean_y)
+    covariance = delta_w @ (second_moment - np.outer(mean, mean)) @ delta_w.T
+    covariance = (covariance + covariance.T) / 2  # exact symmetry for eigh
+    _, vectors = np.linalg.eigh(covariance)  # ascending eigenvalues
+    u_k = vectors[:, ::-1][:, :rank]
+    return LowRankTerm(b=u_k, a=u_k.T @ delta_w, bias_add=mean_y - u_k @ (u_k.T @ mean_y))
+
+
+def sensitivity(w, w_hat, second_moment, mean, term: LowRankTerm | None = None) -> float:
+    """δ = E‖W x − (Ŵ x + B A x + b_add)‖² / E‖W x‖², from the input moments (float64)."""
+    w = np.asarray(w, np.float64)
+    m = np.asarray(second_moment, np.float64)
+    mu = np.asarray(mean, np.float64)
+    residual = w - np.asarray(w_hat, np.float64)
+    shift = np.zeros(w.shape[0])
+    if term is not None:
+        residual = residual - term.b @ term.a
+        shift = term.bias_add
+    error = np.sum((residual @ m) * residual) - 2 * shift @ (residual @ mu) + shift @ shift
+    signal = np.sum((w @ m) * w)
+    return float(max(error, 0.0) / signal)
+
+
+def lowrank_bits(n_out: int, n_in: int, rank: int) -> int:
+    """Stored bits of a rank-`rank` fp16 pair B [out, r], A [r, in] (the bias is counted with the layer)."""
+    return 16 * rank * (n_out + n_in)
+
+
+def rank_for_budget(n_out: int, n_in: int, extra_bpw: float) -> int:
+    """Largest rank whose fp16 factors cost at most `extra_bpw` bits per weight of the layer.
+
+    The rule behind default rank sets: a rank-r pair costs 16 r (out + in) / (out in) bits
+    per weight, so on SmolLM2's 576 x 576 layers rank 32 already costs 1.78 BPW, while on a
+    4096 x 4096 layer it costs 0.25. Ranks are therefore chosen per layer as fractions of a
+    BPW budget, not as absolute numbers copied from 7B-scale settings.
+    """
+    return int(extra_bpw * n_out * n_in // (16 * (n_out + n_in)))

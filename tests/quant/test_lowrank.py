@@ -1,0 +1,56 @@
+"""AMLQ's PCA reconstruction and sensitivity, from input moments, against float64 references
+computed from the explicit activations X."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpq_jax.quant.lowrank import lowrank_bits, output_error_pca, rank_for_budget, sensitivity
+
+
+def layer_problem(seed, n_out=24, n_in=40, tokens=500):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_out, n_in))
+    w_hat = w + 0.1 * rng.standard_normal((n_out, n_in)) @ np.diag(rng.uniform(0.2, 3, n_in))
+    x = rng.standard_normal((n_in, tokens)) * rng.uniform(0.5, 2, (n_in, 1)) + rng.standard_normal((n_in, 1))
+    return w, w_hat, x, x @ x.T / tokens, x.mean(axis=1)
+
+
+def direct_delta(w, w_hat, x, term):
+    """‖WX − (ŴX + BAX + b)‖² / ‖WX‖² summed over the explicit tokens."""
+    approx = w_hat @ x + term.b @ (term.a @ x) + term.bias_add[:, None]
+    return np.sum((w @ x - approx) ** 2) / np.sum((w @ x) ** 2)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 5, 24])
+def test_pca_term_and_delta_match_explicit_activations(rank):
+    w, w_hat, x, m, mu = layer_problem(rank)
+    term = output_error_pca(w - w_hat, m, mu, rank)
+    assert term.b.shape == (24, rank) and term.a.shape == (rank, 40)
+    assert sensitivity(w, w_hat, m, mu, term) == pytest.approx(direct_delta(w, w_hat, x, term), rel=1e-10)
+    # Reference PCA of ΔY = ΔW X straight from its samples.
+    dy = (w - w_hat) @ x
+    eigenvalues, vectors = np.linalg.eigh(np.cov(dy, bias=True))
+    u_k = vectors[:, ::-1][:, :rank]
+    np.testing.assert_allclose(term.b @ term.a, u_k @ u_k.T @ (w - w_hat), atol=1e-9)
+    # PCA is optimal: the mean-square residual is the sum of the discarded eigenvalues.
+    residual = dy - term.b @ (term.a @ x) - term.bias_add[:, None]
+    assert np.mean(np.sum(residual**2, axis=0)) == pytest.approx(np.sum(eigenvalues[::-1][rank:]), rel=1e-9, abs=1e-12)
+
+
+def test_delta_falls_with_rank_and_vanishes_at_full_rank():
+    w, w_hat, x, m, mu = layer_problem(7)
+    deltas = [sensitivity(w, w_hat, m, mu, output_error_pca(w - w_hat, m, mu, r)) for r in (0, 2, 4, 8, 16, 24)]
+    assert all(a >= b for a, b in zip(deltas, deltas[1:]))
+    assert deltas[-1] < 1e-12
+    # Without any term, δ is the plain GPTQ-style output error ratio.
+    assert sensitivity(w, w_hat, m, mu) == pytest.approx(np.sum(((w - w_hat) @ x) ** 2) / np.sum((w @ x) ** 2))
+
+
+def test_rank_rule_and_bits():
+    assert lowrank_bits(576, 576, 32) == 16 * 32 * 1152
+    assert lowrank_bits(576, 576, 32) / (576 * 576) == pytest.approx(1.778, abs=1e-3)
+    assert rank_for_budget(576, 576, 0.25) == 4 and rank_for_budget(4096, 4096, 0.25) == 32
+    with pytest.raises(ValueError, match="rank"):
+        output_error_pca(np.zeros((3, 4)), np.eye(4), np.zeros(4), 5)
