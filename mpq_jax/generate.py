@@ -5,7 +5,8 @@
 
 The packed folder written by `python -m mpq_jax.quantize` carries its tokenizer, so it
 loads on its own. `--chat` wraps the prompt in the tokenizer's chat template (instruct
-models). Greedy decoding unless --temperature > 0.
+models). Greedy decoding unless --temperature > 0. On a backend without a Pallas kernel (CPU)
+the packed weights are dequantized once when loaded; on GPU/TPU every step runs the kernels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from mpq_jax.errors import ConfigError, MpqError
 from mpq_jax.infer import SamplingConfig, generate
 from mpq_jax.models.checkpoint import load_model
+from mpq_jax.quant.model import dequantized_params
+from pallas_kernels.dispatch import kernel_backend
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -61,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     except (MpqError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    params = model.params
+    if kernel_backend() is None:
+        # No Pallas kernel on this backend: unpacking every layer at every decode step would
+        # dominate, so dequantize once up front (the same weights; perplexity does the same).
+        params = dequantized_params(params)
     start, new, shown = time.perf_counter(), [], ""
-    for token in generate(model.params, model.spec, ids, args.max_new_tokens, sampling=sampling,
+    for token in generate(params, model.spec, ids, args.max_new_tokens, sampling=sampling,
                           eos_ids=eos_ids(model.tokenizer), seed=args.seed):
         new.append(token)
         # Decode the whole continuation each time: a multi-byte character may span tokens.
