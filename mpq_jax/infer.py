@@ -111,9 +111,9 @@ def choose_token(logits: jax.Array, sampling: SamplingConfig, key) -> jax.Array:
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
         # The smallest prefix reaching top_p: keep tokens whose preceding mass is below it.
-        keep = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < sampling.top_p
+        keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpq_jax.output import atomic_write_text
-from mpq_jax.packed.planes import PACK_BLOCK, n_blocks
+from mpq_jax.packed.planes import n_blocks
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, Segment, bits_per_weight, storage_bits
 from pallas_kernels.dispatch import kernel_backend, quantized_matmul
 

@@ -4,6 +4,7 @@ dense weights generate, and the CLI streams text from a saved packed folder."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -46,11 +47,11 @@ def test_generation_stops_at_eos(load_tiny_model):
 
 def test_sampling_rules():
     logits = jnp.asarray([[0.0, 3.0, 1.0, 2.5]])
-    key = __import__("jax").random.PRNGKey(0)
+    key = jax.random.PRNGKey(0)
     assert int(choose_token(logits, SamplingConfig(), key)[0]) == 1
     assert int(choose_token(logits, SamplingConfig(temperature=1.0, top_k=1), key)[0]) == 1
     assert int(choose_token(logits, SamplingConfig(temperature=1.0, top_p=1e-6), key)[0]) == 1
-    draws = {int(choose_token(logits, SamplingConfig(temperature=1.0, top_k=2), k)[0]) for k in __import__("jax").random.split(key, 64)}
+    draws = {int(choose_token(logits, SamplingConfig(temperature=1.0, top_k=2), k)[0]) for k in jax.random.split(key, 64)}
     assert draws == {1, 3}  # only the two most likely tokens, and both occur
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)

@@ -16,7 +16,6 @@ Not for: anything on mpq-jax's own code path.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 import time
@@ -27,8 +26,6 @@ import numpy as np
 from mpq_jax.errors import ConfigError
 from mpq_jax.eval.torch_reference import load_torch_model
 from mpq_jax.models.spec import BLOCK_LINEARS
-
-log = logging.getLogger(__name__)
 
 
 def peer_available() -> bool:
@@ -92,19 +89,21 @@ def peer_gptq_weights(
         {"input_ids": calibration.tolist(), "attention_mask": np.ones_like(calibration).tolist()}
     )
     start = time.perf_counter()
-    with torch.no_grad():
-        oneshot(
-            model=model,
-            tokenizer=tokenizer,
-            dataset=dataset,
-            recipe=gptq_recipe(bits, group_size, percdamp),
-            num_calibration_samples=calibration.shape[0],
-            max_seq_length=calibration.shape[1],
-            shuffle_calibration_samples=False,
-            pipeline="sequential",
-        )
+    try:
+        with torch.no_grad():
+            oneshot(
+                model=model,
+                tokenizer=tokenizer,
+                dataset=dataset,
+                recipe=gptq_recipe(bits, group_size, percdamp),
+                num_calibration_samples=calibration.shape[0],
+                max_seq_length=calibration.shape[1],
+                shuffle_calibration_samples=False,
+                pipeline="sequential",
+            )
+    finally:
+        shutil.rmtree(config_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
-    shutil.rmtree(config_dir, ignore_errors=True)
     weights = {}
     for index, layer in enumerate(model.model.layers):
         for module, name in BLOCK_LINEARS:

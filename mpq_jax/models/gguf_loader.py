@@ -121,7 +121,10 @@ def gguf_tokenizer(path: Path):
     """
     import gguf
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    try:  # transformers >= 5.2x keeps the GGUF helpers here ...
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # ... older releases (e.g. the 5.17 the compare extra pins) in ggml.py
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     reader = gguf.GGUFReader(str(path))
     metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
@@ -139,7 +142,9 @@ def gguf_tokenizer(path: Path):
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+    # Older converters also return special tokens; the file's own ids win where it has them.
+    kwargs = {**extra, **{k: v for k, v in tokenizer_config.items() if v is not None or k not in extra}}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
 
 
 def unpermute_qk_rows(w: np.ndarray, heads: int) -> np.ndarray:
