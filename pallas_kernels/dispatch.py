@@ -1,6 +1,7 @@
 """`quantized_matmul`: the one entry point that applies a QuantizedLinear, on any backend.
 
-    y = sum over segments of dequant(seg) @ x[..., perm[seg]] + B (A x) + bias
+    y = sum over segments of dequant(seg) @ x_s[..., perm[seg]] + B (A x) + bias,
+    x_s = x * input_scale (or x)
 
 On GPU and TPU each quantized segment runs the backend's Pallas kernel; dense (16-bit)
 segments, the thin low-rank product and the bias are plain XLA ops in the same jitted
@@ -75,7 +76,10 @@ def quantized_matmul(
         return layer.apply(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
-    x_perm = jnp.take(x2, layer.perm, axis=1)  # permuted column p is original column perm[p]
+    x_scaled = x2
+    if layer.input_scale is not None:  # AWQ: the segments were quantized for x * input_scale
+        x_scaled = (x2.astype(jnp.float32) * layer.input_scale.astype(jnp.float32)).astype(x.dtype)
+    x_perm = jnp.take(x_scaled, layer.perm, axis=1)  # permuted column p is original column perm[p]
     y = jnp.zeros((x2.shape[0], layer.out_features), jnp.float32)
     for seg in layer.segments:
         x_seg = x_perm[:, seg.start : seg.stop]

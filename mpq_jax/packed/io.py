@@ -132,6 +132,7 @@ def _qlinear_spec(ql: QuantizedLinear) -> dict:
         ],
         "lowrank_rank": ql.rank,
         "has_bias": ql.bias is not None,
+        "has_input_scale": ql.input_scale is not None,
     }
 
 
@@ -146,6 +147,8 @@ def _qlinear_tensors(ql: QuantizedLinear) -> dict[str, Any]:
         out["lowrank_b"] = ql.lowrank_b
     if ql.bias is not None:
         out["bias"] = ql.bias
+    if ql.input_scale is not None:
+        out["input_scale"] = ql.input_scale
     return out
 
 
@@ -294,6 +297,8 @@ class _Loader:
                 lowrank_b=self.array(f"{name}.lowrank_b") if rank else None,
                 lowrank_a=self.array(f"{name}.lowrank_a") if rank else None,
                 bias=self.array(f"{name}.bias") if spec["has_bias"] else None,
+                # Absent in files written before AWQ scaling existed: no scale.
+                input_scale=self.array(f"{name}.input_scale") if spec.get("has_input_scale") else None,
             )
         except (KeyError, TypeError) as err:
             raise CheckpointError(

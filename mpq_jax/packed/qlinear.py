@@ -1,7 +1,7 @@
 """`QuantizedLinear`: the one contract every quantization method produces.
 
-    y = sum over segments of dequant(seg) @ x[..., perm[seg.start:seg.stop]]
-        + B @ (A @ x) + bias
+    y = sum over segments of dequant(seg) @ x_s[..., perm[seg.start:seg.stop]]
+        + B @ (A @ x) + bias,       x_s = x * input_scale  (or x when there is none)
 
 RTN, GPTQ, AMLQ, TAMMP and QAT all emit this structure; save/load, evaluation, kernels and
 generation consume only it. Both classes are JAX pytrees: arrays are leaves, column ranges
@@ -21,7 +21,8 @@ Bits per weight is computed from the stored arrays alone (`storage_bits`), so a 
 a report can never disagree with what is on disk:
 
     storage_bits = sum over every stored array except `perm` of (entries * bits per entry)
-                 = 32 * code words + 8 * zeros + 16 * (scales + dense + A + B + bias)
+                 = 32 * code words + 8 * zeros
+                   + 16 * (scales + dense + A + B + bias + input_scale)
     bits_per_weight = storage_bits / (out_features * in_features)
 
 `perm` is not counted: it is one int vector per layer (about 32/out bits per weight) that a
@@ -129,8 +130,11 @@ class QuantizedLinear:
     perm:      int32 [in]      permuted column p is original column perm[p]
     segments:  tuple[Segment]  contiguous, covering [0, in) of the permuted columns in order
     lowrank_b: float16 [out, r] or None; lowrank_a: float16 [r, in] or None
-               (A acts on x in ORIGINAL column order)
+               (A acts on x in ORIGINAL column order, unscaled)
     bias:      float16 [out] or None
+    input_scale: float16 [in] or None: the quantized segments act on x * input_scale
+               (original column order). AWQ-style scaling (mpq_jax.quant.awq) quantizes
+               W diag(s) and stores 1/s here, so the layer still computes ≈ W x.
     """
 
     in_features: int
@@ -140,6 +144,7 @@ class QuantizedLinear:
     lowrank_b: jax.Array | None = None
     lowrank_a: jax.Array | None = None
     bias: jax.Array | None = None
+    input_scale: jax.Array | None = None
 
     @classmethod
     def create(
@@ -150,10 +155,12 @@ class QuantizedLinear:
         lowrank_b=None,
         lowrank_a=None,
         bias=None,
+        input_scale=None,
     ) -> "QuantizedLinear":
         """Build and validate a layer (host side, not under jit); sizes come from the segments.
 
-        perm defaults to the identity; low-rank factors and bias are stored as float16.
+        perm defaults to the identity; low-rank factors, bias and input scale are stored as
+        float16.
         """
         segments = tuple(segments)
         if not segments:
@@ -170,6 +177,7 @@ class QuantizedLinear:
             lowrank_b=_to_storage_float(lowrank_b, "lowrank_b"),
             lowrank_a=_to_storage_float(lowrank_a, "lowrank_a"),
             bias=_to_storage_float(bias, "bias"),
+            input_scale=_to_storage_float(input_scale, "input_scale"),
         )
         ql.validate()
         return ql
@@ -205,12 +213,17 @@ class QuantizedLinear:
             _expect(self.lowrank_b, (out, r), None, "lowrank_b")
         if self.bias is not None:
             _expect(self.bias, (out,), None, "bias")
+        if self.input_scale is not None:
+            _expect(self.input_scale, (n_in,), None, "input_scale")
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """[out, in] quantized weights in ORIGINAL column order (low-rank term excluded)."""
+        """[out, in] quantized weights in ORIGINAL column order, times the input scale if any
+        (the low-rank term excluded)."""
         w_perm = jnp.concatenate([seg.dequantize() for seg in self.segments], axis=1)  # [out, in]
         # Permuted column p holds original column perm[p]: scatter it back there.
         w = jnp.zeros_like(w_perm).at[:, self.perm].set(w_perm)
+        if self.input_scale is not None:
+            w = w * self.input_scale.astype(jnp.float32)[None, :]
         return w.astype(dtype)
 
     def effective_weight(self, dtype=jnp.float32) -> jax.Array:
@@ -239,7 +252,7 @@ jax.tree_util.register_dataclass(
 )
 jax.tree_util.register_dataclass(
     QuantizedLinear,
-    data_fields=["perm", "segments", "lowrank_b", "lowrank_a", "bias"],
+    data_fields=["perm", "segments", "lowrank_b", "lowrank_a", "bias", "input_scale"],
     meta_fields=["in_features", "out_features"],
 )
 
@@ -296,7 +309,7 @@ def make_dense_segment(w_cols, start: int) -> Segment:
 
 def storage_bits(ql: QuantizedLinear) -> int:
     """Bits of every stored array except `perm` (see the module docstring for the formula)."""
-    arrays = [ql.lowrank_a, ql.lowrank_b, ql.bias]
+    arrays = [ql.lowrank_a, ql.lowrank_b, ql.bias, ql.input_scale]
     for seg in ql.segments:
         arrays += [seg.codes, seg.scale, seg.zero, seg.dense]
     return sum(_array_bits(a) for a in arrays if a is not None)

@@ -28,7 +28,7 @@ SMALL_BLOCKS = KernelBlocks(block_n=128, block_k=256)  # several tiles even on s
 OUTPUT_ULP = {jnp.float32: 0.0, jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}  # unit roundoff
 
 
-def random_layer(rng, out, plan, rank=0, bias=False):
+def random_layer(rng, out, plan, rank=0, bias=False, input_scale=False):
     """A QuantizedLinear from plan = [(bits, cols, group_size)], plus float64 weights [out, in]."""
     segments, columns, start = [], [], 0
     for bits, cols, group_size in plan:
@@ -52,7 +52,10 @@ def random_layer(rng, out, plan, rank=0, bias=False):
     lowrank_b = rng.standard_normal((out, rank)).astype(np.float16) if rank else None
     lowrank_a = rng.standard_normal((rank, n_in)).astype(np.float16) if rank else None
     b = rng.standard_normal(out).astype(np.float16) if bias else None
-    layer = QuantizedLinear.create(segments, perm=perm, lowrank_b=lowrank_b, lowrank_a=lowrank_a, bias=b)
+    scale = rng.uniform(0.25, 4.0, n_in).astype(np.float16) if input_scale else None
+    layer = QuantizedLinear.create(segments, perm=perm, lowrank_b=lowrank_b, lowrank_a=lowrank_a, bias=b, input_scale=scale)
+    if input_scale:
+        w = w * scale.astype(np.float64)[None, :]
     if rank:
         w = w + lowrank_b.astype(np.float64) @ lowrank_a.astype(np.float64)
     return layer, w, (None if b is None else b.astype(np.float64))
@@ -90,7 +93,7 @@ def test_mixed_segments_over_token_counts(backend, tokens):
     rng = np.random.default_rng(100 + tokens)
     # dense | 3-bit ragged (100 cols: short last group, padded pack block) | 2-bit | 4-bit | 8-bit
     plan = [(16, 12, 0), (3, 100, 64), (2, 256, 128), (4, 96, 32), (8, 64, 64)]
-    layer, w, b = random_layer(rng, 136, plan, rank=4, bias=True)
+    layer, w, b = random_layer(rng, 136, plan, rank=4, bias=True, input_scale=True)
     check(layer, w, b, jnp.asarray(rng.standard_normal((tokens, layer.in_features)), jnp.float32), backend)
 
 

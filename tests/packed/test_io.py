@@ -26,6 +26,7 @@ def mixed_qlinear(rng, out=8, n_in=96):
         lowrank_b=rng.standard_normal((out, 2)),
         lowrank_a=rng.standard_normal((2, n_in)),
         bias=rng.standard_normal(out),
+        input_scale=rng.uniform(0.5, 2.0, n_in),
     )
 
 
@@ -77,7 +78,7 @@ def test_manifest_describes_layers_and_names_tensors(tmp_path):
         {"start": 0, "stop": 16, "bits": 16, "group_size": 0},
         {"start": 16, "stop": 96, "bits": 3, "group_size": 32},
     ]
-    assert spec["lowrank_rank"] == 2 and spec["has_bias"] is True
+    assert spec["lowrank_rank"] == 2 and spec["has_bias"] is True and spec["has_input_scale"] is True
     names = safetensors.numpy.load_file(str(tmp_path / "ckpt" / TENSORS_FILE)).keys()
     assert {"layers.0.self_attn.q_proj.seg1.codes", "layers.1.self_attn.q_proj.perm", "embed_tokens.weight"} <= set(names)
 

@@ -38,8 +38,9 @@ def random_segment(rng, out, start, cols, bits, group_size):
     return make_segment(codes, scale, zero, bits, start, group_size), ref
 
 
-def mixed_layer(seed, out=24, n_in=576, rank=3, with_bias=True):
-    """[16-bit dense 40 cols | 3-bit 200 cols g64 | 2-bit rest g128], random perm, low-rank, bias."""
+def mixed_layer(seed, out=24, n_in=576, rank=3, with_bias=True, with_input_scale=False):
+    """[16-bit dense 40 cols | 3-bit 200 cols g64 | 2-bit rest g128], random perm, low-rank,
+    bias, and optionally an input scale (folded into the returned reference w)."""
     rng = np.random.default_rng(seed)
     dense = rng.standard_normal((out, 40)).astype(np.float16)
     seg1, ref1 = random_segment(rng, out, 40, 200, 3, 64)
@@ -48,10 +49,15 @@ def mixed_layer(seed, out=24, n_in=576, rank=3, with_bias=True):
     b = rng.standard_normal((out, rank)).astype(np.float16) if rank else None
     a = rng.standard_normal((rank, n_in)).astype(np.float16) if rank else None
     bias = rng.standard_normal(out).astype(np.float16) if with_bias else None
-    ql = QuantizedLinear.create([make_dense_segment(dense, 0), seg1, seg2], perm=perm, lowrank_b=b, lowrank_a=a, bias=bias)
+    input_scale = rng.uniform(0.25, 4.0, n_in).astype(np.float16) if with_input_scale else None
+    ql = QuantizedLinear.create(
+        [make_dense_segment(dense, 0), seg1, seg2], perm=perm, lowrank_b=b, lowrank_a=a, bias=bias, input_scale=input_scale
+    )
     w_perm = np.concatenate([dense.astype(np.float64), ref1, ref2], axis=1)
     w = np.zeros_like(w_perm)
     w[:, perm] = w_perm  # permuted column p is original column perm[p]
+    if input_scale is not None:
+        w = w * input_scale.astype(np.float64)[None, :]
     return ql, w, b, a, bias
 
 
@@ -67,8 +73,9 @@ def test_segment_dequantize_with_short_last_group():
     np.testing.assert_array_equal(np.asarray(seg.dequantize(), np.float64), ref)
 
 
-def test_apply_matches_reference():
-    ql, w, b, a, bias = mixed_layer(2)
+@pytest.mark.parametrize("with_input_scale", [False, True])
+def test_apply_matches_reference(with_input_scale):
+    ql, w, b, a, bias = mixed_layer(2, with_input_scale=with_input_scale)
     x = np.random.default_rng(3).standard_normal((2, 5, 576)).astype(np.float32)
     x64 = x.astype(np.float64)
     b64, a64 = b.astype(np.float64), a.astype(np.float64)
@@ -138,6 +145,8 @@ def test_bpw_counts_every_stored_array():
     assert bits_per_weight(ql) == expected / (out * 576)
     ql2, *_ = mixed_layer(11, out=24, n_in=576, rank=0, with_bias=False)
     assert model_bits_per_weight([ql, ql2]) == (storage_bits(ql) + storage_bits(ql2)) / (2 * out * 576)
+    scaled, *_ = mixed_layer(10, out=24, n_in=576, rank=3, with_input_scale=True)
+    assert storage_bits(scaled) == expected + 576 * 16  # one fp16 input scale per input
 
 
 def test_validation_names_the_field():
