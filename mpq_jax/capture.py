@@ -1,8 +1,10 @@
-"""Sequential, block-by-block capture of linear-layer inputs and their Hessians H = 2XXᵀ/N.
+"""Sequential, block-by-block capture of linear-layer inputs and their statistics.
 
 Decoder blocks are processed in order. Calibration hidden states (one array per source)
 enter block i; the four distinct inputs of its seven linears (`LINEAR_INPUTS`: q/k/v share
-one, gate/up share one) are captured batch by batch and folded into float32 Hessians; the
+one, gate/up share one) are captured batch by batch and folded into `InputStats`: the
+float32 Hessian H = 2XXᵀ/N, the mean E[x] and the mean magnitude E|x| per input channel
+(GPTQ needs H; AMLQ's AWQ scaling needs E|x| and its low-rank term E[x]); the
 caller's `quantize_block` turns the block into quantized form; and the block's outputs —
 computed with the quantized block (as GPTQ does) or with the original one — become the
 hidden states for block i+1.
@@ -18,6 +20,7 @@ Not for: choosing codes (mpq_jax.quant), allocation across layers, or reading te
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -34,9 +37,20 @@ from mpq_jax.packed.io import MANIFEST_FILE, load_quantized, save_quantized
 
 log = logging.getLogger(__name__)
 
-# hessians[source][input name] -> float32 [d, d]
-SourceHessians = dict[str, dict[str, np.ndarray]]
-QuantizeBlock = Callable[[int, dict, SourceHessians], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputStats:
+    """What is kept of one linear input X [tokens, d] over the calibration tokens (float32)."""
+
+    hessian: np.ndarray  # [d, d] H = 2 XᵀX / N (so E[x xᵀ] = H / 2)
+    mean: np.ndarray  # [d] E[x]
+    mean_abs: np.ndarray  # [d] E|x|, AWQ's activation magnitude S_x
+
+
+# stats[source][input name]
+SourceStats = dict[str, dict[str, InputStats]]
+QuantizeBlock = Callable[[int, dict, SourceStats], dict]
 
 
 def rope_for(spec: ModelSpec, seq_len: int) -> tuple[jax.Array, jax.Array]:
@@ -50,10 +64,12 @@ def embed_tokens(embedding: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _add_gram(hessian: jax.Array, x: jax.Array) -> jax.Array:
-    """hessian + 2 XᵀX for x [..., d] flattened to [tokens, d], accumulated in float32."""
+def _add_moments(sums: tuple, x: jax.Array) -> tuple:
+    """(Σ 2xxᵀ, Σ x, Σ |x|) + this batch, x [..., d] flattened to [tokens, d], in float32."""
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return hessian + 2.0 * jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+    gram, total, total_abs = sums
+    gram = gram + 2.0 * jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+    return gram, total + rows.sum(axis=0), total_abs + jnp.abs(rows).sum(axis=0)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -66,17 +82,18 @@ def _batches(hidden: np.ndarray, batch_size: int):
         yield jnp.asarray(hidden[start : start + batch_size])
 
 
-def block_hessians(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
-    """H = 2XXᵀ/N of each linear input of a block, X over every token of hidden [n, T, D]."""
+def block_statistics(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8) -> dict[str, InputStats]:
+    """InputStats of each linear input of a block, X over every token of hidden [n, T, D]."""
     cos, sin = rope_for(spec, hidden.shape[1])
-    sums: dict[str, jax.Array] = {}
+    sums: dict[str, tuple] = {}
     for batch in _batches(hidden, batch_size):
         for name, x in _block_inputs(layer, spec, batch, cos, sin).items():
             if name not in sums:
-                sums[name] = jnp.zeros((x.shape[-1], x.shape[-1]), jnp.float32)
-            sums[name] = _add_gram(sums[name], x)
+                d = x.shape[-1]
+                sums[name] = (jnp.zeros((d, d), jnp.float32), jnp.zeros(d, jnp.float32), jnp.zeros(d, jnp.float32))
+            sums[name] = _add_moments(sums[name], x)
     tokens = hidden.shape[0] * hidden.shape[1]
-    return {name: np.asarray(sums[name]) / tokens for name in LINEAR_INPUTS}
+    return {name: InputStats(*(np.asarray(a) / tokens for a in sums[name])) for name in LINEAR_INPUTS}
 
 
 def block_outputs(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -85,61 +102,76 @@ def block_outputs(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: 
     return np.concatenate([np.asarray(decoder_block(layer, spec, batch, cos, sin)) for batch in _batches(hidden, batch_size)])
 
 
-def pooled_hessians(per_source: SourceHessians, tokens_per_source: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """One Hessian per input over all sources: the token-weighted mean of the per-source H."""
+def pooled_statistics(per_source: SourceStats, tokens_per_source: Mapping[str, int]) -> dict[str, InputStats]:
+    """One InputStats per input over all sources: token-weighted means of the per-source ones
+    (every field is a mean over tokens, so this equals capturing all sources at once)."""
     total = sum(tokens_per_source.values())
+
+    def pool(name: str, field: str) -> np.ndarray:
+        return sum(getattr(per_source[src][name], field) * (tokens_per_source[src] / total) for src in per_source)
+
     return {
-        name: sum(per_source[src][name] * (tokens_per_source[src] / total) for src in per_source)
-        for name in LINEAR_INPUTS
+        name: InputStats(**{f.name: pool(name, f.name) for f in dataclasses.fields(InputStats)}) for name in LINEAR_INPUTS
     }
 
 
 class HessianCache:
-    """Hessians of the unquantized model, block by block, on disk under a fingerprint.
+    """Input statistics (Hessians and moments) of the unquantized model, block by block, on
+    disk under a fingerprint.
 
     With the original block's outputs feeding the next block (`propagate_quantized=False`),
-    every block's Hessians depend only on the model and the calibration tokens, not on how
+    every block's statistics depend only on the model and the calibration tokens, not on how
     earlier blocks were quantized: computed once, they serve every later setting (bits,
-    groups, methods) with no forward pass. Layout: `<root>/<fingerprint>/block_NNN.npz`, one
-    array per (source, linear input), each written to a temporary name and renamed.
+    groups, methods) with no forward pass. Layout: `<root>/<fingerprint>/stats_NNN.npz`, one
+    array per (source, linear input, field), each file written to a temporary name and
+    renamed. (Folders from before the moments were kept hold `block_NNN.npz` files with
+    Hessians only; they are ignored and refilled.)
     """
 
     def __init__(self, root: str | Path, fingerprint: str):
         self.folder = Path(root) / fingerprint
 
     def path(self, index: int) -> Path:
-        return self.folder / f"block_{index:03d}.npz"
+        return self.folder / f"stats_{index:03d}.npz"
 
     def complete(self, num_layers: int) -> bool:
         return all(self.path(i).is_file() for i in range(num_layers))
 
-    def store(self, index: int, hessians: SourceHessians) -> None:
+    def store(self, index: int, stats: SourceStats) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        arrays = {f"{src}/{name}": h for src, per_input in hessians.items() for name, h in per_input.items()}
+        arrays = {
+            f"{src}/{name}/{field.name}": getattr(st, field.name)
+            for src, per_input in stats.items()
+            for name, st in per_input.items()
+            for field in dataclasses.fields(InputStats)
+        }
         tmp = self.path(index).with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(self.path(index))
 
-    def load(self, index: int) -> SourceHessians:
-        hessians: SourceHessians = {}
+    def load(self, index: int) -> SourceStats:
+        fields: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         with np.load(self.path(index)) as data:
             for key in data.files:
-                src, name = key.rsplit("/", 1)
-                hessians.setdefault(src, {})[name] = data[key]
-        return hessians
+                src, name, field = key.rsplit("/", 2)
+                fields.setdefault((src, name), {})[field] = data[key]
+        stats: SourceStats = {}
+        for (src, name), values in fields.items():
+            stats.setdefault(src, {})[name] = InputStats(**values)
+        return stats
 
 
 def fill_hessian_cache(
     params: dict, spec: ModelSpec, calibration: Mapping[str, np.ndarray], cache: HessianCache, *, batch_size: int = 8, progress: bool = True
 ) -> None:
-    """Compute and store every block's Hessians with the original blocks propagating (no-op if complete)."""
+    """Compute and store every block's statistics with the original blocks propagating (no-op if complete)."""
     if cache.complete(len(params["layers"])):
         log.info("Hessians found in %s", cache.folder)
         return
     embedding = params["embed_tokens"]["weight"]
     hidden = {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
     for index, layer in enumerate(tqdm(params["layers"], desc="Hessians", unit="block", disable=not progress)):
-        cache.store(index, {src: block_hessians(layer, spec, h, batch_size) for src, h in hidden.items()})
+        cache.store(index, {src: block_statistics(layer, spec, h, batch_size) for src, h in hidden.items()})
         hidden = {src: block_outputs(layer, spec, h, batch_size) for src, h in hidden.items()}
 
 
@@ -160,8 +192,8 @@ def sequential_quantize(
     """Quantize every block in order; returns the new params (embedding, norms, head kept).
 
     calibration: source name -> tokens [n, T]. `quantize_block(index, layer, hessians)` gets
-    the block's original params and its Hessians per source (see `pooled_hessians` to pool
-    them) and returns the block's new params. `propagate_quantized` feeds the next block
+    the block's original params and its input statistics per source (see `pooled_statistics`
+    to pool them) and returns the block's new params. `propagate_quantized` feeds the next block
     with the quantized block's outputs (GPTQ's choice) instead of the original block's.
 
     With `resume_dir`, the finished blocks and the hidden states entering the next block are
@@ -171,7 +203,8 @@ def sequential_quantize(
     different fingerprint starts over.
 
     With `hessian_cache` (only with `propagate_quantized=False`), Hessians come from the
-    cache, filled first if incomplete, and no forward pass runs while quantizing.
+    cache (statistics too), filled first if incomplete, and no forward pass runs while
+    quantizing.
 
     `block_notes` is a JSON-serializable dict that `quantize_block` may add to (e.g. per-layer
     losses for the report); it is checkpointed with the blocks and, on resume, refilled
@@ -200,8 +233,8 @@ def sequential_quantize(
         if hessian_cache is not None:
             new_layer = quantize_block(index, layer, hessian_cache.load(index))
         else:
-            hessians = {src: block_hessians(layer, spec, h, batch_size) for src, h in hidden.items()}
-            new_layer = quantize_block(index, layer, hessians)
+            stats = {src: block_statistics(layer, spec, h, batch_size) for src, h in hidden.items()}
+            new_layer = quantize_block(index, layer, stats)
             feed = new_layer if propagate_quantized else layer
             hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
         layers.append(new_layer)

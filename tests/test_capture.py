@@ -1,6 +1,6 @@
-"""Sequential capture: the captured tensors are exactly what feeds each linear, Hessians
-match a float64 reference, pooling equals capturing all sources at once, and block i+1
-sees the outputs of the (quantized) block i."""
+"""Sequential capture: the captured tensors are exactly what feeds each linear, Hessians and
+moments match a float64 reference, pooling equals capturing all sources at once, and block
+i+1 sees the outputs of the (quantized) block i."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from mpq_jax.capture import (
-    block_hessians,
     block_outputs,
+    block_statistics,
     embed_tokens,
-    pooled_hessians,
+    pooled_statistics,
     rope_for,
     sequential_quantize,
 )
@@ -43,31 +43,34 @@ def test_captured_inputs_are_what_feeds_each_linear(tiny):
     np.testing.assert_allclose(np.asarray(inputs["attn_in"]), np.asarray(rms_norm(h, layer["input_layernorm"]["weight"], spec.rms_norm_eps)))
 
 
-def test_hessians_match_float64_reference_and_ignore_batching(tiny):
+def test_statistics_match_float64_reference_and_ignore_batching(tiny):
     spec, layer = tiny.spec, tiny.params["layers"][1]
     hidden = np.asarray(embed_tokens(tiny.params["embed_tokens"]["weight"], jnp.asarray(tokens(tiny, 5, 16, 1))))
-    got = block_hessians(layer, spec, hidden, batch_size=2)
-    again = block_hessians(layer, spec, hidden, batch_size=5)
+    got = block_statistics(layer, spec, hidden, batch_size=2)
+    again = block_statistics(layer, spec, hidden, batch_size=5)
     _, inputs = block_forward(layer, spec, jnp.asarray(hidden), *rope_for(spec, 16))
     for name in LINEAR_INPUTS:
         x = np.asarray(inputs[name], np.float64).reshape(-1, inputs[name].shape[-1])
-        reference = 2 * x.T @ x / x.shape[0]
-        # float32 sums of 80 products: relative error ~1e-6 of the largest entry
-        scale = np.abs(reference).max()
-        assert np.abs(got[name] - reference).max() <= 1e-5 * scale
-        assert np.abs(again[name] - got[name]).max() <= 1e-5 * scale
-        np.testing.assert_allclose(got[name], got[name].T)
+        references = {"hessian": 2 * x.T @ x / x.shape[0], "mean": x.mean(axis=0), "mean_abs": np.abs(x).mean(axis=0)}
+        for field, reference in references.items():
+            # float32 sums of 80 terms: relative error ~1e-6 of the largest entry
+            scale = np.abs(reference).max()
+            assert np.abs(getattr(got[name], field) - reference).max() <= 1e-5 * scale, field
+            assert np.abs(getattr(again[name], field) - getattr(got[name], field)).max() <= 1e-5 * scale, field
+        np.testing.assert_allclose(got[name].hessian, got[name].hessian.T)
 
 
-def test_pooled_hessian_equals_capturing_all_sources_together(tiny):
+def test_pooled_statistics_equal_capturing_all_sources_together(tiny):
     spec, layer = tiny.spec, tiny.params["layers"][0]
     embed = tiny.params["embed_tokens"]["weight"]
     a, b = tokens(tiny, 3, 16, 2), tokens(tiny, 1, 16, 3)
-    per_source = {src: block_hessians(layer, spec, np.asarray(embed_tokens(embed, jnp.asarray(t)))) for src, t in (("a", a), ("b", b))}
-    pooled = pooled_hessians(per_source, {"a": a.size, "b": b.size})
-    together = block_hessians(layer, spec, np.asarray(embed_tokens(embed, jnp.asarray(np.concatenate([a, b])))))
+    per_source = {src: block_statistics(layer, spec, np.asarray(embed_tokens(embed, jnp.asarray(t)))) for src, t in (("a", a), ("b", b))}
+    pooled = pooled_statistics(per_source, {"a": a.size, "b": b.size})
+    together = block_statistics(layer, spec, np.asarray(embed_tokens(embed, jnp.asarray(np.concatenate([a, b])))))
     for name in LINEAR_INPUTS:
-        assert np.abs(pooled[name] - together[name]).max() <= 1e-5 * np.abs(together[name]).max()
+        for field in ("hessian", "mean", "mean_abs"):
+            want = getattr(together[name], field)
+            assert np.abs(getattr(pooled[name], field) - want).max() <= 1e-5 * np.abs(want).max(), field
 
 
 @pytest.mark.parametrize("propagate_quantized", [True, False])
@@ -86,9 +89,10 @@ def test_next_block_sees_the_chosen_outputs(tiny, propagate_quantized):
     assert result["embed_tokens"] is params["embed_tokens"]
     hidden0 = np.asarray(embed_tokens(params["embed_tokens"]["weight"], jnp.asarray(calibration["a"])))
     feed = rtn["layers"][0] if propagate_quantized else params["layers"][0]
-    expected = block_hessians(params["layers"][1], spec, block_outputs(feed, spec, hidden0))
+    expected = block_statistics(params["layers"][1], spec, block_outputs(feed, spec, hidden0))
     for name in LINEAR_INPUTS:
-        np.testing.assert_allclose(seen[1]["a"][name], expected[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(seen[1]["a"][name].hessian, expected[name].hessian, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(seen[1]["a"][name].mean, expected[name].mean, rtol=1e-5, atol=1e-6)
 
 
 class Interrupted(Exception):
@@ -156,16 +160,17 @@ def test_hessian_cache_serves_fp_propagation_without_forward_passes(tiny, tmp_pa
     for index in direct:
         for src in calibration:
             for name in direct[index][src]:
-                np.testing.assert_array_equal(cached[index][src][name], direct[index][src][name])
+                for field in ("hessian", "mean", "mean_abs"):
+                    np.testing.assert_array_equal(getattr(cached[index][src][name], field), getattr(direct[index][src][name], field))
 
     # A second run with a complete cache runs no block forward at all.
     def no_forward(*args, **kwargs):
         raise AssertionError("forward pass despite a complete cache")
 
-    monkeypatch.setattr(capture, "block_hessians", no_forward)
+    monkeypatch.setattr(capture, "block_statistics", no_forward)
     monkeypatch.setattr(capture, "block_outputs", no_forward)
     again = {}
     sequential_quantize(params, spec, calibration, recorder(again), propagate_quantized=False, hessian_cache=cache, progress=False)
-    np.testing.assert_array_equal(again[1]["b"]["mlp_in"], direct[1]["b"]["mlp_in"])
+    np.testing.assert_array_equal(again[1]["b"]["mlp_in"].hessian, direct[1]["b"]["mlp_in"].hessian)
     with pytest.raises(ValueError, match="propagate_quantized=False"):
         sequential_quantize(params, spec, calibration, lambda i, layer, h: layer, hessian_cache=cache, progress=False)

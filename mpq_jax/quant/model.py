@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mpq_jax.capture import pooled_hessians, sequential_quantize
+from mpq_jax.capture import pooled_statistics, sequential_quantize
 from mpq_jax.models.decoder import LINEAR_INPUT_OF
 from mpq_jax.models.spec import BLOCK_LINEARS
 from mpq_jax.packed.qlinear import QuantizedLinear, storage_bits
@@ -105,15 +105,15 @@ def quantize_model_gptq(
     tokens_per_source = {src: int(np.asarray(t).size) for src, t in calibration.items()}
     losses: dict[str, float] = {}
 
-    def quantize_block(index: int, layer: dict, hessians) -> dict:
-        pooled = pooled_hessians(hessians, tokens_per_source)
+    def quantize_block(index: int, layer: dict, stats) -> dict:
+        pooled = pooled_statistics(stats, tokens_per_source)
         new_layer = {key: (dict(value) if isinstance(value, dict) else value) for key, value in layer.items()}
         for module, name in BLOCK_LINEARS:
             dense = layer[module][name]
             n_groups = -(-dense["weight"].shape[1] // group_size)
             result = gptq_quantize(
                 np.asarray(dense["weight"], np.float32),
-                pooled[LINEAR_INPUT_OF[name]],
+                pooled[LINEAR_INPUT_OF[name]].hessian,
                 [bits] * n_groups,
                 group_size,
                 act_order=act_order,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpq_jax.capture import pooled_hessians, sequential_quantize
+from mpq_jax.capture import pooled_statistics, sequential_quantize
 from mpq_jax.models import forward
 from mpq_jax.models.decoder import LINEAR_INPUT_OF
 from mpq_jax.packed.io import load_quantized, save_quantized
@@ -36,12 +36,12 @@ def test_gptq_pipeline_on_tiny_models(family, tmp_path):
     # check GPTQ's loss against RTN's at the same bits and group size.
     rtn_losses = {}
 
-    def record(index, layer, hessians):
-        pooled = pooled_hessians(hessians, {"a": calibration["a"].size})
+    def record(index, layer, stats):
+        pooled = pooled_statistics(stats, {"a": calibration["a"].size})
         for name, i, module, linear, dense in iter_block_linears({"layers": [layer]}):
             w = np.asarray(dense["weight"])
             w_rtn = np.asarray(rtn_quantize(w, 3, 32).dequantize())
-            rtn_losses[f"layers.{index}.{module}.{linear}"] = layer_loss(w, w_rtn, pooled[LINEAR_INPUT_OF[linear]])
+            rtn_losses[f"layers.{index}.{module}.{linear}"] = layer_loss(w, w_rtn, pooled[LINEAR_INPUT_OF[linear]].hessian)
         return quantized["layers"][index]
 
     sequential_quantize(model.params, model.spec, calibration, record, progress=False)

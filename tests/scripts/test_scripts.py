@@ -54,7 +54,7 @@ def test_bench_ptq_rows(tmp_path, default_model, shared_dir, monkeypatch):
     assert bench.main(argv) == 0
     (row,) = json.loads(out.read_text())
     assert (row["method"], row["bits"], row["group_size"]) == ("gptq", 4, 64) and row["ppl"] > 1
-    assert len(list((tmp_path / "cache" / "hessians").glob("*/block_*.npz"))) == default_model.spec.num_layers
+    assert len(list((tmp_path / "cache" / "hessians").glob("*/stats_*.npz"))) == default_model.spec.num_layers
 
 
 def test_bench_attention_agrees_with_torch(tmp_path):
