@@ -24,9 +24,26 @@ from mpq_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PresetConfig:
+    group_size: int  # 32, 64 or 128
+    bits: dict[int, float]  # width -> share of the layer's groups (widths from 2,3,4,5,6,8,16; shares sum to 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AmlqConfig:
+    target_bpw: float = 3.3  # average stored bits per block-linear weight, everything counted
+    lowrank: bool = True  # add the PCA low-rank term (AMLQ); false = AMQ, the same run without it
+    presets: tuple[PresetConfig, ...] | None = None  # mixed-precision recipes q_j (default: 11 from 2.2 to ~4.9 BPW)
+    alpha_grid: tuple[float, ...] | None = None  # AWQ strengths to search (default: 20 points 0..0.95)
+    lowrank_bpw: tuple[float, ...] | None = None  # ranks as extra BPW per layer (default 0.0625, 0.125, 0.25, 0.5)
+    keep_candidates: bool = True  # keep every preset's GPTQ layer in host memory (~presets x packed model) instead of recomputing
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizationConfig:
-    # none: keep the model as loaded; rtn: round-to-nearest; gptq: GPTQ on calibration Hessians
-    method: Literal["none", "rtn", "gptq"] = "rtn"
+    # none: keep the model as loaded; rtn: round-to-nearest; gptq: GPTQ on calibration Hessians;
+    # amlq: AMLQ/AMQ mixed precision under a BPW budget (section `amlq`)
+    method: Literal["none", "rtn", "gptq", "amlq"] = "rtn"
     bits: int = 4  # bit width of every block linear (2..8)
     group_size: int = 128  # input columns sharing one scale/zero; the last group may be shorter
     symmetric: bool = False  # symmetric grid (zero fixed at 2^(bits-1)) instead of min-max
@@ -36,6 +53,7 @@ class QuantizationConfig:
     # gptq: which block outputs feed the next block; "fp" makes Hessians independent of the
     # quantization settings, so they are cached on disk (MPQ_CACHE_DIR) and shared across runs
     propagate: Literal["quantized", "fp"] = "quantized"
+    amlq: AmlqConfig = dataclasses.field(default_factory=AmlqConfig)  # method amlq only (always fp statistics)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,6 +145,8 @@ def validate(config: RunConfig) -> RunConfig:
     q = config.quantization
     if q.method in ("rtn", "gptq") and not 2 <= q.bits <= 8:
         raise ConfigError(f"quantization.bits: {q.bits} is out of range; {q.method} supports 2..8")
+    if q.method == "amlq":
+        _validate_amlq(q.amlq)
     if not q.percdamp > 0:
         raise ConfigError(f"quantization.percdamp: must be positive, got {q.percdamp}")
     cal = config.calibration
@@ -140,6 +160,21 @@ def validate(config: RunConfig) -> RunConfig:
     if ppl.max_windows < 0 or ppl.batch_size < 1:
         raise ConfigError("eval.perplexity: max_windows must be >= 0 and batch_size >= 1")
     return config
+
+
+def _validate_amlq(a: AmlqConfig) -> None:
+    from mpq_jax.quant.amlq import presets_from_config  # the method owns what a preset may be
+
+    if not 1.0 < a.target_bpw <= 16.0:
+        raise ConfigError(f"quantization.amlq.target_bpw: {a.target_bpw} is out of range (1, 16]")
+    try:
+        presets_from_config(a.presets)
+    except ValueError as exc:
+        raise ConfigError(f"quantization.amlq.presets: {exc}") from None
+    if a.alpha_grid is not None and (not a.alpha_grid or any(not 0 <= x <= 1 for x in a.alpha_grid)):
+        raise ConfigError("quantization.amlq.alpha_grid: give one or more strengths in [0, 1]")
+    if a.lowrank_bpw is not None and any(not x > 0 for x in a.lowrank_bpw):
+        raise ConfigError("quantization.amlq.lowrank_bpw: extra bits per weight must be positive")
 
 
 def load_config(path: str | Path) -> RunConfig:

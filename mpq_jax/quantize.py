@@ -1,7 +1,7 @@
 """Command line entry: `python -m mpq_jax.quantize --config configs/X.yaml [--output DIR]`.
 
 Runs the stages of a quantization job in order: load the checkpoint, quantize the block
-linears (method `none`, `rtn`, or `gptq` on calibration text), evaluate WikiText-2 perplexity, save the packed model,
+linears (method `none`, `rtn`, `gptq` on calibration text, or `amlq`), evaluate WikiText-2 perplexity, save the packed model,
 and write `report.json`, `report.md` and `layer_error.png` into the output folder. This is
 the only place where the stages meet; each stage is a function in its own module.
 
@@ -31,6 +31,9 @@ from mpq_jax.data.paths import cache_dir
 from mpq_jax.models.checkpoint import LoadedModel, load_model
 from mpq_jax.models.spec import spec_to_dict
 from mpq_jax.packed.io import save_quantized
+from mpq_jax.quant.amlq import DEFAULT_LOWRANK_BPW, presets_from_config
+from mpq_jax.quant.amlq_model import allocate_model, build_model, measure_model
+from mpq_jax.quant.awq import DEFAULT_ALPHA_GRID
 from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_gptq, quantize_model_rtn
 from mpq_jax.report import write_report
 
@@ -65,27 +68,57 @@ def run_fingerprint(model_source: str, config: RunConfig, calibration: dict[str,
     return _fingerprint(identity, calibration)
 
 
-def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> tuple[dict, dict[str, float]]:
+def _calibration(model: LoadedModel, config: RunConfig) -> dict[str, np.ndarray]:
+    if model.tokenizer is None:
+        raise ConfigError(f"calibration: {model.source} has no tokenizer to read calibration text with")
+    cal = config.calibration
+    return calibration_tokens(model.tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
+
+
+def _statistics_cache(model: LoadedModel, config: RunConfig, calibration: dict[str, np.ndarray]) -> HessianCache:
+    """The disk cache of the unquantized model's input statistics for this calibration."""
+    return HessianCache(cache_dir() / "hessians", calibration_fingerprint(model.source, config.dtype, calibration))
+
+
+def quantize_amlq(model: LoadedModel, config: RunConfig) -> tuple[dict, dict[str, dict]]:
+    """AMLQ (or AMQ with lowrank: false): measure every candidate, allocate, build."""
+    a = config.quantization.amlq
+    calibration = _calibration(model, config)
+    cache = _statistics_cache(model, config, calibration)
+    measurement = measure_model(
+        model.params,
+        model.spec,
+        calibration,
+        cache,
+        presets=presets_from_config(a.presets),
+        alpha_grid=a.alpha_grid or DEFAULT_ALPHA_GRID,
+        lowrank_bpw=(a.lowrank_bpw or DEFAULT_LOWRANK_BPW) if a.lowrank else None,
+        percdamp=config.quantization.percdamp,
+        keep=a.keep_candidates,
+    )
+    choices = allocate_model(measurement, a.target_bpw, a.lowrank)
+    params, rows = build_model(
+        model.params, model.spec, calibration, cache, measurement, choices, percdamp=config.quantization.percdamp
+    )
+    return params, {row["name"]: {f"amlq_{k}": v for k, v in row.items() if k not in ("name", "shape", "bits_per_weight")} for row in rows}
+
+
+def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> tuple[dict, dict[str, dict]]:
     """The quantization stage: params -> params with QuantizedLinear block linears, and
-    per-layer losses where the method has them (GPTQ)."""
+    per-layer notes for the report where the method has them (GPTQ loss; AMLQ choices)."""
     q = config.quantization
     if q.method == "none":
         return model.params, {}
     if q.method == "rtn":
         return quantize_model_rtn(model.params, q.bits, q.group_size, q.symmetric), {}
+    if q.method == "amlq":
+        return quantize_amlq(model, config)
     if q.method == "gptq":
-        if model.tokenizer is None:
-            raise ConfigError(f"calibration: {model.source} has no tokenizer to read calibration text with")
-        cal = config.calibration
-        calibration = calibration_tokens(model.tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
+        calibration = _calibration(model, config)
         resume_dir = output_dir / ".resume"
         # Unquantized-model Hessians do not depend on the quantization settings: share them.
         propagate_fp = q.propagate == "fp"
-        cache = (
-            HessianCache(cache_dir() / "hessians", calibration_fingerprint(model.source, config.dtype, calibration))
-            if propagate_fp
-            else None
-        )
+        cache = _statistics_cache(model, config, calibration) if propagate_fp else None
         params, losses = quantize_model_gptq(
             model.params,
             model.spec,
@@ -102,7 +135,7 @@ def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> 
             hessian_cache=cache,
         )
         shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the block checkpoints are spent
-        return params, losses
+        return params, {name: {"gptq_loss": loss} for name, loss in losses.items()}
     raise AssertionError(f"config validation let through method {q.method!r}")
 
 
@@ -118,7 +151,7 @@ def run(config: RunConfig, output_dir: Path) -> dict:
     log.info("loaded %s: %s, %d layers", model.source, model.spec.family, model.spec.num_layers)
 
     start = time.perf_counter()
-    params, losses = quantize_params(model, config, output_dir)
+    params, notes = quantize_params(model, config, output_dir)
     timings["quantize"] = time.perf_counter() - start
     stats = linear_stats(model.params, params)
     report: dict = {
@@ -126,7 +159,7 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         "method": config.quantization.method,
         "bits_per_weight": average_bits_per_weight(stats),
         "config": config_to_dict(config),
-        "layers": [{**s.to_json(), **({"gptq_loss": losses[s.name]} if s.name in losses else {})} for s in stats],
+        "layers": [{**s.to_json(), **notes.get(s.name, {})} for s in stats],
     }
 
     if ppl_config.enabled:

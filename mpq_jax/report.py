@@ -1,4 +1,6 @@
-"""Reports of a run: `report.json` (everything), `report.md` (for people), `layer_error.png`.
+"""Reports of a run: `report.json` (everything), `report.md` (for people), `layer_error.png`,
+and for AMLQ runs `amlq_allocation.png` (bits and rank per block and layer type, as the
+paper's Figure 2) and `amlq_delta.png` (sensitivity δ per layer).
 
 Each file is written atomically. Not for: computing the numbers (the stages do that).
 """
@@ -17,12 +19,18 @@ log = logging.getLogger(__name__)
 
 def markdown_report(report: dict) -> str:
     q = report["config"]["quantization"]
+    if report["method"] == "amlq":
+        a = q["amlq"]
+        detail = f" ({'AMLQ' if a['lowrank'] else 'AMQ, no low-rank term'}, target {a['target_bpw']} bits per weight)"
+    elif report["method"] != "none":
+        detail = f" ({q['bits']}-bit, group {q['group_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'})"
+    else:
+        detail = ""
     lines = [
         "# mpq-jax run report",
         "",
         f"- model: `{report['model']}`",
-        f"- method: `{report['method']}`"
-        + (f" ({q['bits']}-bit, group {q['group_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'})" if report["method"] != "none" else ""),
+        f"- method: `{report['method']}`" + detail,
         f"- bits per weight (block linears, every stored array counted): {report['bits_per_weight']:.4f}",
     ]
     if "perplexity" in report:
@@ -43,6 +51,23 @@ def markdown_report(report: dict) -> str:
         + (f" {s['gptq_loss']:.4g} |" if "gptq_loss" in s else (" - |" if has_loss else ""))
         for s in report["layers"]
     ]
+    if any("amlq_preset" in s for s in report["layers"]):
+        lines += [
+            "",
+            "## AMLQ choices",
+            "",
+            "![bits and rank per block](amlq_allocation.png)",
+            "",
+            "![sensitivity per layer](amlq_delta.png)",
+            "",
+            "| layer | preset (bits mix, group) | α | rank | bits/weight | δ |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {s['name']} | {s['amlq_preset']} | {s['amlq_alpha']:.2f} | {'-' if s['amlq_rank'] is None else s['amlq_rank']} "
+            f"| {s['bits_per_weight']:.3f} | {s['amlq_delta']:.3g} |"
+            for s in report["layers"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -72,10 +97,58 @@ def plot_layer_error(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_amlq(layers: list[dict], folder: Path) -> None:
+    """amlq_allocation.png (mean code bits and rank per block, one line per layer type) and
+    amlq_delta.png (δ of the chosen candidate per layer, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = defaultdict(list)
+    for row in layers:
+        _, index, _, name = row["name"].split(".")
+        series[name].append({**row, "block": int(index)})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for name, rows in series.items():
+        blocks = [r["block"] for r in rows]
+        top.plot(blocks, [r["bits_per_weight"] for r in rows], marker="o", markersize=3, label=name)
+        bottom.plot(blocks, [r["amlq_rank"] or 0 for r in rows], marker="o", markersize=3, label=name)
+    top.set_ylabel("stored bits per weight")
+    bottom.set_ylabel("low-rank rank")
+    bottom.set_xlabel("decoder block")
+    top.set_title("AMLQ allocation per block and layer type")
+    top.legend(ncol=4, fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, folder / "amlq_allocation.png")
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.semilogy(range(len(layers)), [max(r["amlq_delta"], 1e-12) for r in layers], marker=".", linestyle="none")
+    ax.set_xlabel("layer (7 linears per block, in block order)")
+    ax.set_ylabel("δ = ‖WX − Ŷ‖² / ‖WX‖²")
+    ax.set_title("sensitivity of each layer's chosen candidate")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, folder / "amlq_delta.png")
+
+
 def write_report(output_dir: Path, report: dict) -> None:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(output_dir / "report.md", markdown_report(report))
     plot_layer_error(report, output_dir / "layer_error.png")
+    if any("amlq_preset" in s for s in report["layers"]):
+        plot_amlq(report["layers"], output_dir)
     log.info("wrote %s", output_dir / "report.md")

@@ -80,6 +80,39 @@ def sensitivity(w, w_hat, second_moment, mean, term: LowRankTerm | None = None) 
     return float(max(error, 0.0) / signal)
 
 
+def error_spectrum(delta_w, second_moment, mean) -> tuple[np.ndarray, float]:
+    """(eigenvalues of Cov(y) in descending order, ‖E[y]‖²) for y = ΔW x, float64.
+
+    What δ needs for every rank at once: with the PCA term of rank r and the mean folded
+    into the bias, E‖residual‖² = Σ_{i >= r} λ_i; with no term at all it is Σ λ + ‖E y‖².
+    The eigenvalues come from whichever of ΔW Σ ΔWᵀ [out, out] and Σ^½ ΔWᵀ ΔW Σ^½ [in, in]
+    is smaller (same nonzero spectrum), so wide layers cost an in x in problem.
+    """
+    delta_w = np.asarray(delta_w, np.float64)
+    mean = np.asarray(mean, np.float64)
+    sigma = np.asarray(second_moment, np.float64) - np.outer(mean, mean)
+    n_out, n_in = delta_w.shape
+    if n_out <= n_in:
+        cov = delta_w @ sigma @ delta_w.T
+    else:
+        values, vectors = np.linalg.eigh((sigma + sigma.T) / 2)
+        root = vectors * np.sqrt(np.clip(values, 0, None))  # Σ = root rootᵀ
+        product = delta_w @ root
+        cov = product.T @ product
+    eigenvalues = np.clip(np.linalg.eigvalsh((cov + cov.T) / 2)[::-1], 0, None)
+    mean_y = delta_w @ mean
+    return eigenvalues, float(mean_y @ mean_y)
+
+
+def deltas_by_rank(eigenvalues, mean_sq: float, signal: float, ranks) -> dict:
+    """δ for each rank from `error_spectrum` and the signal E‖W x‖²; key None = no term."""
+    tail = np.concatenate([np.cumsum(eigenvalues[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i >= r} λ_i
+    out = {None: float((tail[0] + mean_sq) / signal)}
+    for r in ranks:
+        out[r] = float(tail[min(r, len(eigenvalues))] / signal)
+    return out
+
+
 def lowrank_bits(n_out: int, n_in: int, rank: int) -> int:
     """Stored bits of a rank-`rank` fp16 pair B [out, r], A [r, in] (the bias is counted with the layer)."""
     return 16 * rank * (n_out + n_in)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpq_jax.quant.lowrank import lowrank_bits, output_error_pca, rank_for_budget, sensitivity
+from mpq_jax.quant.lowrank import deltas_by_rank, error_spectrum, lowrank_bits, output_error_pca, rank_for_budget, sensitivity
 
 
 def layer_problem(seed, n_out=24, n_in=40, tokens=500):
@@ -54,3 +54,21 @@ def test_rank_rule_and_bits():
     assert rank_for_budget(576, 576, 0.25) == 4 and rank_for_budget(4096, 4096, 0.25) == 32
     with pytest.raises(ValueError, match="rank"):
         output_error_pca(np.zeros((3, 4)), np.eye(4), np.zeros(4), 5)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["narrow", "wide"])
+def test_deltas_by_rank_from_the_spectrum_match_explicit_terms(shape):
+    rng = np.random.default_rng(sum(shape))
+    n_out, n_in = shape
+    w = rng.standard_normal((n_out, n_in))
+    w_hat = w + 0.1 * rng.standard_normal((n_out, n_in))
+    x = rng.standard_normal((n_in, 400)) * rng.uniform(0.5, 2, (n_in, 1)) + rng.standard_normal((n_in, 1))
+    m, mu = x @ x.T / 400, x.mean(axis=1)
+    eigenvalues, mean_sq = error_spectrum(w - w_hat, m, mu)
+    signal = np.sum((w @ m) * w)
+    ranks = [0, 1, 3, min(shape), min(shape) + 5]
+    got = deltas_by_rank(eigenvalues, mean_sq, signal, ranks)
+    assert got[None] == pytest.approx(sensitivity(w, w_hat, m, mu), rel=1e-9)
+    for r in ranks:
+        term = output_error_pca(w - w_hat, m, mu, min(r, n_out))
+        assert got[r] == pytest.approx(direct_delta(w, w_hat, x, term), rel=1e-7, abs=1e-13), r

@@ -1,0 +1,143 @@
+"""AMLQ over a whole model: a measuring pass, the allocation, a quantizing pass.
+
+1. `measure_model`: every block linear's candidates (mpq_jax.quant.amlq.measure_layer)
+   from the unquantized model's input statistics. They come from the on-disk
+   `HessianCache` (filled first if needed: one forward pass per block), because every
+   candidate of every layer must be measured on the same, unquantized inputs.
+2. `allocate_model`: one candidate per layer under the BPW budget by the greedy of
+   mpq_jax.allocate, over AMQ candidates (no low-rank term) or AMLQ ones.
+3. `build_model`: the chosen layers, from the GPTQ results kept by the measuring pass
+   (`keep=True`: about presets x the packed model in host memory) or recomputed, plus
+   the PCA terms computed from the cached statistics.
+
+One measurement serves any number of budgets and both methods (scripts/bench_amlq.py).
+
+Not here: per-layer math (amlq.py), the knapsack (allocate.py), I/O and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mpq_jax.allocate import Candidate, bpw_range, greedy_allocate
+from mpq_jax.capture import HessianCache, fill_hessian_cache, pooled_statistics
+from mpq_jax.errors import ConfigError
+from mpq_jax.models.decoder import LINEAR_INPUT_OF
+from mpq_jax.models.spec import BLOCK_LINEARS, ModelSpec
+from mpq_jax.quant.amlq import DEFAULT_LOWRANK_BPW, DEFAULT_PRESETS, LayerPlan, Preset, build_layer, layer_summary, measure_layer
+from mpq_jax.quant.awq import DEFAULT_ALPHA_GRID
+from mpq_jax.quant.model import linear_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Measurement:
+    plans: list[LayerPlan]  # one per block linear, in iter_block_linears order
+    presets: tuple[Preset, ...]
+    kept: dict | None  # (layer name, preset index) -> QuantizedLinear without low-rank term
+    lowrank: bool  # whether AMLQ candidates were measured
+
+    @property
+    def n_weights(self) -> int:
+        return sum(p.shape[0] * p.shape[1] for p in self.plans)
+
+    def options(self, lowrank: bool) -> list[list[Candidate]]:
+        """Per layer, the AMQ (rank None) or AMLQ (rank >= 0) candidates."""
+        if lowrank and not self.lowrank:
+            raise ConfigError("AMLQ allocation needs a measurement with low-rank candidates (lowrank_bpw set)")
+        return [[c for c in plan.candidates if (c.label[1] is not None) == lowrank] for plan in self.plans]
+
+
+def measure_model(
+    params: dict,
+    spec: ModelSpec,
+    calibration: dict[str, np.ndarray],
+    cache: HessianCache,
+    *,
+    presets: Sequence[Preset] = DEFAULT_PRESETS,
+    alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+    lowrank_bpw: Sequence[float] | None = DEFAULT_LOWRANK_BPW,
+    percdamp: float = 0.01,
+    keep: bool = True,
+    progress: bool = True,
+) -> Measurement:
+    """Candidates of every block linear (see the module docstring)."""
+    fill_hessian_cache(params, spec, calibration, cache, progress=progress)
+    tokens = {src: int(np.asarray(t).size) for src, t in calibration.items()}
+    kept: dict | None = {} if keep else None
+    plans = []
+    for index in tqdm(range(len(params["layers"])), desc="AMLQ measure", unit="block", disable=not progress):
+        stats = pooled_statistics(cache.load(index), tokens)
+        layer = params["layers"][index]
+        for module, name in BLOCK_LINEARS:
+            dense = layer[module][name]
+            plans.append(
+                measure_layer(
+                    linear_name(index, module, name),
+                    np.asarray(dense["weight"], np.float32),
+                    stats[LINEAR_INPUT_OF[name]],
+                    presets,
+                    alpha_grid=alpha_grid,
+                    lowrank_bpw=lowrank_bpw,
+                    bias=dense.get("bias"),
+                    percdamp=percdamp,
+                    keep=kept,
+                )
+            )
+    return Measurement(plans=plans, presets=tuple(presets), kept=kept, lowrank=lowrank_bpw is not None)
+
+
+def allocate_model(measurement: Measurement, target_bpw: float, lowrank: bool) -> list[Candidate]:
+    """One candidate per layer with total stored bits <= target_bpw x weights (greedy)."""
+    options = measurement.options(lowrank)
+    n = measurement.n_weights
+    low, high = bpw_range(options, n)
+    if target_bpw > high:
+        log.warning("target BPW %.3f is above the most the candidates store (%.3f): every layer gets its best", target_bpw, high)
+    choice = greedy_allocate(options, target_bpw * n, n)
+    return [layer[j] for layer, j in zip(options, choice)]
+
+
+def build_model(
+    params: dict,
+    spec: ModelSpec,
+    calibration: dict[str, np.ndarray],
+    cache: HessianCache,
+    measurement: Measurement,
+    choices: Sequence[Candidate],
+    *,
+    percdamp: float = 0.01,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Params with every block linear replaced by its chosen layer, and the per-layer rows."""
+    tokens = {src: int(np.asarray(t).size) for src, t in calibration.items()}
+    by_name = {plan.name: (plan, choice) for plan, choice in zip(measurement.plans, choices)}
+    layers, rows = [], []
+    for index in tqdm(range(len(params["layers"])), desc="AMLQ build", unit="block", disable=not progress):
+        stats = pooled_statistics(cache.load(index), tokens)
+        layer = params["layers"][index]
+        new_layer = {key: (dict(value) if isinstance(value, dict) else value) for key, value in layer.items()}
+        for module, name in BLOCK_LINEARS:
+            full = linear_name(index, module, name)
+            plan, choice = by_name[full]
+            dense = layer[module][name]
+            kept = None if measurement.kept is None else measurement.kept.get((full, choice.label[0]))
+            new_layer[module][name] = build_layer(
+                np.asarray(dense["weight"], np.float32),
+                stats[LINEAR_INPUT_OF[name]],
+                plan,
+                choice,
+                measurement.presets,
+                bias=dense.get("bias"),
+                percdamp=percdamp,
+                kept=kept,
+            )
+            rows.append(layer_summary(plan, choice, measurement.presets))
+        layers.append(new_layer)
+    return {**params, "layers": layers}, rows
