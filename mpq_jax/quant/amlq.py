@@ -48,9 +48,9 @@ from mpq_jax.allocate import Candidate
 from mpq_jax.capture import InputStats
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, storage_bits
 from mpq_jax.quant.awq import DEFAULT_ALPHA_GRID, channel_scales
-from mpq_jax.quant.gptq import gptq_quantize
+from mpq_jax.quant.gptq import InverseFactor, gptq_quantize, inverse_factor
 from mpq_jax.quant.grid import dequantize_codes
-from mpq_jax.quant.lowrank import deltas_by_rank, error_spectrum, output_error_pca, rank_for_budget
+from mpq_jax.quant.lowrank import covariance_root, deltas_by_rank, error_spectrum, output_error_pca, rank_for_budget
 from mpq_jax.quant.rtn import rtn_codes
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -200,6 +200,7 @@ class ScaledProblem:
     w_s: np.ndarray  # W / c
     hessian_s: np.ndarray  # H with inputs x * c
     order: np.ndarray  # importance order of the columns
+    factor: InverseFactor  # GPTQ's H_s⁻¹ factor in that order, shared by every preset
 
 
 def scaled_problem(w, stats: InputStats, alpha: float, bias=None, percdamp: float = 0.01) -> ScaledProblem:
@@ -208,7 +209,8 @@ def scaled_problem(w, stats: InputStats, alpha: float, bias=None, percdamp: floa
     c_or_1 = np.ones(w.shape[1]) if c is None else c
     w_s = (w / c_or_1[None, :]).astype(np.float32)
     hessian_s = np.asarray(stats.hessian, np.float64) * np.outer(c_or_1, c_or_1)  # eq. 6 with s = 1/c
-    return ScaledProblem(w, bias, alpha, c, w_s, hessian_s, importance_order(w_s, hessian_s, percdamp))
+    order = importance_order(w_s, hessian_s, percdamp)
+    return ScaledProblem(w, bias, alpha, c, w_s, hessian_s, order, inverse_factor(hessian_s, order, percdamp))
 
 
 def quantize_preset(problem: ScaledProblem, preset: Preset, percdamp: float = 0.01) -> QuantizedLinear:
@@ -222,6 +224,8 @@ def quantize_preset(problem: ScaledProblem, preset: Preset, percdamp: float = 0.
         perm=problem.order,
         percdamp=percdamp,
         bias=problem.bias,
+        factor=problem.factor,
+        with_loss=False,  # δ is measured in the original space instead
     )
     if problem.inv_scale is None:
         return result.qlinear
@@ -264,6 +268,7 @@ def measure_layer(
     second_moment = np.asarray(stats.hessian, np.float64) / 2
     w64 = w.astype(np.float64)
     signal = float(np.sum((w64 @ second_moment) * w64))
+    root = covariance_root(second_moment, stats.mean)
     ranks = ranks_for_layer(*w.shape, lowrank_bpw) if lowrank_bpw is not None else ()
     candidates = []
     for index, preset in enumerate(presets):
@@ -271,7 +276,7 @@ def measure_layer(
         if keep is not None:
             keep[(name, index)] = qlinear
         delta_w = w64 - np.asarray(qlinear.dequantize(), np.float64)
-        eigenvalues, mean_sq = error_spectrum(delta_w, second_moment, stats.mean)
+        eigenvalues, mean_sq = error_spectrum(delta_w, root, stats.mean)
         deltas = deltas_by_rank(eigenvalues, mean_sq, max(signal, 1e-30), ranks)
         for rank in [None, *ranks]:
             candidates.append(Candidate(bits=candidate_bits(qlinear, rank), loss=deltas[rank], label=(index, rank)))

@@ -48,10 +48,11 @@ class Measurement:
         return sum(p.shape[0] * p.shape[1] for p in self.plans)
 
     def options(self, lowrank: bool) -> list[list[Candidate]]:
-        """Per layer, the AMQ (rank None) or AMLQ (rank >= 0) candidates."""
+        """Per layer, AMQ's candidates (rank None: nothing added) or AMLQ's: those plus every
+        rank (0 = the folded mean alone), so AMLQ may still leave a layer without a term."""
         if lowrank and not self.lowrank:
             raise ConfigError("AMLQ allocation needs a measurement with low-rank candidates (lowrank_bpw set)")
-        return [[c for c in plan.candidates if (c.label[1] is not None) == lowrank] for plan in self.plans]
+        return [[c for c in plan.candidates if lowrank or c.label[1] is None] for plan in self.plans]
 
 
 def measure_model(

@@ -68,16 +68,21 @@ def gptq_quantize(
     percdamp: float = 0.01,
     block_size: int = 128,
     bias=None,
+    factor: "InverseFactor | None" = None,
+    with_loss: bool = True,
 ) -> GPTQResult:
     """Quantize w [out, in] with GPTQ given hessian [in, in]; see the module docstring.
 
     group_bits: [ceil(in / group_size)] bit width per group: of consecutive permuted columns,
     or of consecutive original columns with static_groups.
     perm: [in] processing order (permuted column p is original column perm[p]); overrides
-    act_order. Raises ValueError naming the argument for inconsistent inputs.
+    act_order. factor: `inverse_factor(hessian, perm, percdamp)` computed once by a caller
+    that quantizes the same (H, order) several times (AMLQ's presets); it must match
+    hessian, perm and percdamp. with_loss=False skips the float64 loss (reported as nan).
+    Raises ValueError naming the argument for inconsistent inputs.
     """
     perm, Q, codes, scale, zero, damping = _quantize_columns(
-        w, hessian, group_bits, group_size, perm, act_order, static_groups, symmetric, percdamp, block_size
+        w, hessian, group_bits, group_size, perm, act_order, static_groups, symmetric, percdamp, block_size, factor
     )
     w_hat = np.empty_like(Q)
     w_hat[:, perm] = Q
@@ -89,11 +94,31 @@ def gptq_quantize(
     else:
         segments = _segments(Q, codes, scale, zero, np.asarray(group_bits), group_size)
         qlinear = QuantizedLinear.create(segments, perm=perm, bias=bias)
-    return GPTQResult(qlinear=qlinear, loss=layer_loss(w, w_hat, hessian), damping=damping)
+    loss = layer_loss(w, w_hat, hessian) if with_loss else float("nan")
+    return GPTQResult(qlinear=qlinear, loss=loss, damping=damping)
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseFactor:
+    """Upper Cholesky factor of the damped H⁻¹ in a processing order, reusable across bit widths."""
+
+    perm: np.ndarray  # [in] int32
+    upper: np.ndarray  # [in, in] float32
+    damping: float
+
+
+def inverse_factor(hessian, perm, percdamp: float = 0.01) -> InverseFactor:
+    """The factor GPTQ uses for `hessian` processed in order `perm` (dead inputs pinned)."""
+    H = np.array(hessian, dtype=np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = np.asarray(perm).astype(np.int32)
+    upper, damping = _damped_inverse_cholesky(H[np.ix_(perm, perm)], percdamp)
+    return InverseFactor(perm, upper, damping)
 
 
 def _quantize_columns(
-    w, hessian, group_bits, group_size, perm, act_order, static_groups, symmetric, percdamp, block_size
+    w, hessian, group_bits, group_size, perm, act_order, static_groups, symmetric, percdamp, block_size, factor=None
 ):
     """Host preparation and the column loop, before packing.
 
@@ -124,7 +149,12 @@ def _quantize_columns(
         perm = np.arange(n_in)
     perm = perm.astype(np.int32)
 
-    Hinv, damping = _damped_inverse_cholesky(H[np.ix_(perm, perm)], percdamp)
+    if factor is not None:
+        if not np.array_equal(factor.perm, perm):
+            raise ValueError("factor: computed for another column order than perm")
+        Hinv, damping = factor.upper, factor.damping
+    else:
+        Hinv, damping = _damped_inverse_cholesky(H[np.ix_(perm, perm)], percdamp)
 
     n_pad = _padded_width(n_groups * group_size, block_size)
     W_pad = np.zeros((n_out, n_pad), np.float32)

@@ -80,27 +80,34 @@ def sensitivity(w, w_hat, second_moment, mean, term: LowRankTerm | None = None) 
     return float(max(error, 0.0) / signal)
 
 
-def error_spectrum(delta_w, second_moment, mean) -> tuple[np.ndarray, float]:
-    """(eigenvalues of Cov(y) in descending order, ‖E[y]‖²) for y = ΔW x, float64.
-
-    What δ needs for every rank at once: with the PCA term of rank r and the mean folded
-    into the bias, E‖residual‖² = Σ_{i >= r} λ_i; with no term at all it is Σ λ + ‖E y‖².
-    The eigenvalues come from whichever of ΔW Σ ΔWᵀ [out, out] and Σ^½ ΔWᵀ ΔW Σ^½ [in, in]
-    is smaller (same nonzero spectrum), so wide layers cost an in x in problem.
-    """
-    delta_w = np.asarray(delta_w, np.float64)
+def covariance_root(second_moment, mean) -> np.ndarray:
+    """R [in, in] with R Rᵀ = Σ = E[x xᵀ] − μ μᵀ (Cholesky, with a tiny jitter for singular Σ)."""
     mean = np.asarray(mean, np.float64)
     sigma = np.asarray(second_moment, np.float64) - np.outer(mean, mean)
-    n_out, n_in = delta_w.shape
-    if n_out <= n_in:
-        cov = delta_w @ sigma @ delta_w.T
-    else:
-        values, vectors = np.linalg.eigh((sigma + sigma.T) / 2)
-        root = vectors * np.sqrt(np.clip(values, 0, None))  # Σ = root rootᵀ
-        product = delta_w @ root
-        cov = product.T @ product
-    eigenvalues = np.clip(np.linalg.eigvalsh((cov + cov.T) / 2)[::-1], 0, None)
-    mean_y = delta_w @ mean
+    sigma = (sigma + sigma.T) / 2
+    jitter = 1e-10 * max(np.trace(sigma) / len(sigma), 1e-30)
+    for _ in range(6):
+        try:
+            return np.linalg.cholesky(sigma + jitter * np.eye(len(sigma)))
+        except np.linalg.LinAlgError:
+            jitter *= 100
+    values, vectors = np.linalg.eigh(sigma)
+    return vectors * np.sqrt(np.clip(values, 0, None))
+
+
+def error_spectrum(delta_w, root, mean) -> tuple[np.ndarray, float]:
+    """(eigenvalues of Cov(y) in descending order, ‖E[y]‖²) for y = ΔW x, float64.
+
+    `root` is `covariance_root` of the layer's inputs (computed once per layer). What δ
+    needs for every rank at once: with the PCA term of rank r and the mean folded into the
+    bias, E‖residual‖² = Σ_{i >= r} λ_i; with no term at all it is Σ λ + ‖E y‖². With
+    P = ΔW R, Cov(y) = P Pᵀ, whose nonzero spectrum is that of the smaller of P Pᵀ and Pᵀ P.
+    """
+    delta_w = np.asarray(delta_w, np.float64)
+    product = delta_w @ root
+    gram = product @ product.T if product.shape[0] <= product.shape[1] else product.T @ product
+    eigenvalues = np.clip(np.linalg.eigvalsh((gram + gram.T) / 2)[::-1], 0, None)
+    mean_y = delta_w @ np.asarray(mean, np.float64)
     return eigenvalues, float(mean_y @ mean_y)
 
 

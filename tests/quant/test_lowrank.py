@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpq_jax.quant.lowrank import deltas_by_rank, error_spectrum, lowrank_bits, output_error_pca, rank_for_budget, sensitivity
+from mpq_jax.quant.lowrank import covariance_root, deltas_by_rank, error_spectrum, lowrank_bits, output_error_pca, rank_for_budget, sensitivity
 
 
 def layer_problem(seed, n_out=24, n_in=40, tokens=500):
@@ -64,7 +64,7 @@ def test_deltas_by_rank_from_the_spectrum_match_explicit_terms(shape):
     w_hat = w + 0.1 * rng.standard_normal((n_out, n_in))
     x = rng.standard_normal((n_in, 400)) * rng.uniform(0.5, 2, (n_in, 1)) + rng.standard_normal((n_in, 1))
     m, mu = x @ x.T / 400, x.mean(axis=1)
-    eigenvalues, mean_sq = error_spectrum(w - w_hat, m, mu)
+    eigenvalues, mean_sq = error_spectrum(w - w_hat, covariance_root(m, mu), mu)
     signal = np.sum((w @ m) * w)
     ranks = [0, 1, 3, min(shape), min(shape) + 5]
     got = deltas_by_rank(eigenvalues, mean_sq, signal, ranks)
