@@ -11,7 +11,9 @@ from mpq_jax.packed.qlinear import storage_bits
 from mpq_jax.quant.amlq import (
     Preset,
     build_layer,
-    importance_order,
+    choose_scaling,
+    column_importance,
+    group_ranks,
     input_scale_for,
     measure_layer,
     presets_from_config,
@@ -87,16 +89,37 @@ def test_alpha_search_matches_explicit_rtn_reference():
     assert np.argmin(errors) > 0
 
 
-def test_importance_order_puts_the_salient_column_first():
+def test_importance_ranks_the_salient_group_first():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((16, 64))
     h = np.eye(64)
-    w[:, 17] *= 20
-    order = importance_order(w, h)
-    assert order[0] == 17 and sorted(order.tolist()) == list(range(64))
-    # A column whose input never fires goes last.
+    w[:, 37] *= 20
+    importance = column_importance(w, h)
+    # Float64 reference: with H = I (+ damping 0.01), [H⁻¹]_ii = 1 / 1.01.
+    np.testing.assert_allclose(importance, np.sum(w**2, axis=0) * 1.01**2, rtol=1e-12)
+    assert group_ranks(importance, 32).tolist() == [1, 0]  # the group holding column 37 first
+    ranks = group_ranks(importance, 24)  # 3 groups, the last one short
+    assert ranks[1] == 0 and sorted(ranks.tolist()) == [0, 1, 2]
+    # An input that never fires counts as unimportant.
     h[40, :] = h[:, 40] = 0
-    assert importance_order(w, h)[-1] == 40
+    assert column_importance(w, h)[40] == -1
+
+
+def test_scaling_is_kept_only_where_gptq_gains_from_it():
+    w, _, stats = layer_problem(5)
+    m = stats.hessian / 2
+    chosen = choose_scaling(w, stats, (0.0, 0.5, 0.9))
+    assert chosen.alpha in (0.0, search_alpha(w, stats, (0.0, 0.5, 0.9)))
+
+    def probe_error(problem):
+        from mpq_jax.quant.amlq import quantize_preset
+
+        d = w.astype(np.float64) - np.asarray(quantize_preset(problem, Preset(128, ((3, 1.0),))).dequantize(), np.float64)
+        return np.sum((d @ m) * d)
+
+    unscaled = choose_scaling(w, stats, (0.0,))
+    assert unscaled.alpha == 0 and unscaled.inv_scale is None
+    assert probe_error(chosen) <= probe_error(unscaled)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
