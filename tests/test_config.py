@@ -43,12 +43,34 @@ def test_defaults_quantize_default_model(tmp_path):
         ("eval:\n  perplexity:\n    seq_len: 1\n", "eval.perplexity.seq_len", "at least 2"),
         ("eval: 3\n", "eval", "expected a mapping"),
         ("modle: x\n", "modle", "allowed fields: model"),
+        ("quantization:\n  method: amlq\n  amlq:\n    target_bpw: 0.5\n", "quantization.amlq.target_bpw", "out of range"),
+        ("quantization:\n  method: amlq\n  amlq:\n    presets: [{group_size: 48, bits: {2: 1.0}}]\n",
+         "quantization.amlq.presets", "[0]: group_size must be one of (32, 64, 128)"),
+        ("quantization:\n  method: amlq\n  amlq:\n    presets: [{group_size: 64, bits: {3: 0.5, 2: 0.4}}]\n",
+         "quantization.amlq.presets", "sum to 1"),
+        ("quantization:\n  method: amlq\n  amlq:\n    alpha_grid: [0.0, 1.5]\n", "quantization.amlq.alpha_grid", "[0, 1]"),
+        ("quantization:\n  method: amlq\n  amlq:\n    lowrank_bpw: [0.0]\n", "quantization.amlq.lowrank_bpw", "positive"),
+        ("quantization:\n  amlq:\n    ranks: [32]\n", "quantization.amlq.ranks", "allowed fields: target_bpw"),
     ],
 )
 def test_mistakes_name_the_field(tmp_path, text, field, hint):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert field in str(info.value) and hint in str(info.value) and "run.yaml" in str(info.value)
+
+
+def test_amlq_section_parses_presets(tmp_path):
+    from mpq_jax.quant.amlq import DEFAULT_PRESETS, presets_from_config
+
+    text = (
+        "quantization:\n  method: amlq\n  amlq:\n    target_bpw: 2.9\n    lowrank: false\n"
+        "    presets:\n      - {group_size: 64, bits: {3: 0.5, 2: 0.5}}\n      - {group_size: 128, bits: {4: 1}}\n"
+    )
+    a = load_config(write(tmp_path, text)).quantization.amlq
+    assert (a.target_bpw, a.lowrank) == (2.9, False)
+    presets = presets_from_config(a.presets)
+    assert [p.name for p in presets] == ["3b:0.5+2b:0.5 g64", "4b g128"]
+    assert presets_from_config(None) == DEFAULT_PRESETS
 
 
 def test_missing_and_malformed_files(tmp_path):

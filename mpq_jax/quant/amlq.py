@@ -181,15 +181,17 @@ def search_alpha(w, stats: InputStats, alpha_grid: Sequence[float], probe: tuple
     return float(alpha_grid[int(np.argmin(np.asarray(errors)))])
 
 
-def column_importance(w_s, hessian_s, percdamp: float = 0.01) -> np.ndarray:
-    """Σ_out W_s[:, i]² / [H_s⁻¹]_ii² per column, float64 [in]; inputs that never fire get -1."""
-    h = np.array(hessian_s, np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += percdamp * np.mean(np.diag(h)) * np.eye(len(h))
-    inv_diag = np.diag(np.linalg.inv(h))
+def column_importance(w_s, hessian_s, factor: InverseFactor) -> np.ndarray:
+    """Σ_out W_s[:, i]² / [H_s⁻¹]_ii² per column, float64 [in]; inputs that never fire get -1.
+
+    [H_s⁻¹]_ii (damped, as GPTQ uses it) is read off GPTQ's factor: with UᵀU = H⁻¹ in the
+    processing order, it is the squared norm of U's column for input i — no second inverse.
+    """
+    upper = np.asarray(factor.upper, np.float64)
+    inv_diag = np.empty(upper.shape[0])
+    inv_diag[factor.perm] = np.sum(upper**2, axis=0)
     importance = np.sum(np.asarray(w_s, np.float64) ** 2, axis=0) / inv_diag**2
-    importance[dead] = -1.0
+    importance[np.diag(np.asarray(hessian_s)) == 0] = -1.0
     return importance
 
 
@@ -223,9 +225,10 @@ def scaled_problem(w, stats: InputStats, alpha: float, bias=None, percdamp: floa
     c_or_1 = np.ones(w.shape[1]) if c is None else c
     w_s = (w / c_or_1[None, :]).astype(np.float32)
     hessian_s = np.asarray(stats.hessian, np.float64) * np.outer(c_or_1, c_or_1)  # eq. 6 with s = 1/c
-    importance = column_importance(w_s, hessian_s, percdamp)
     order = np.argsort(-np.diag(hessian_s), kind="stable").astype(np.int32)
-    return ScaledProblem(w, bias, alpha, c, w_s, hessian_s, importance, order, inverse_factor(hessian_s, order, percdamp))
+    factor = inverse_factor(hessian_s, order, percdamp)
+    importance = column_importance(w_s, hessian_s, factor)
+    return ScaledProblem(w, bias, alpha, c, w_s, hessian_s, importance, order, factor)
 
 
 def quantize_preset(problem: ScaledProblem, preset: Preset, percdamp: float = 0.01) -> QuantizedLinear:
@@ -265,12 +268,11 @@ def choose_scaling(w, stats: InputStats, alpha_grid: Sequence[float], bias=None,
         return unscaled
     scaled = scaled_problem(w, stats, alpha, bias, percdamp)
     probe = Preset(ALPHA_PROBE[1], ((ALPHA_PROBE[0], 1.0),))
-    m = np.asarray(stats.hessian, np.float64) / 2
-    w64 = np.asarray(w, np.float64)
+    m = np.asarray(stats.hessian, np.float32) / 2
 
-    def output_error(problem):
-        d = w64 - np.asarray(quantize_preset(problem, probe, percdamp).dequantize(), np.float64)
-        return np.sum((d @ m) * d)
+    def output_error(problem):  # float32: only the comparison matters
+        d = np.asarray(w, np.float32) - np.asarray(quantize_preset(problem, probe, percdamp).dequantize())
+        return float(np.sum((d @ m) * d, dtype=np.float64))
 
     return scaled if output_error(scaled) < output_error(unscaled) else unscaled
 
@@ -318,8 +320,8 @@ def measure_layer(
         if keep is not None:
             keep[(name, index)] = qlinear
         delta_w = w64 - np.asarray(qlinear.dequantize(), np.float64)
-        eigenvalues, mean_sq = error_spectrum(delta_w, root, stats.mean)
-        deltas = deltas_by_rank(eigenvalues, mean_sq, max(signal, 1e-30), ranks)
+        spectrum = error_spectrum(delta_w, root, stats.mean, top=max(ranks, default=0))
+        deltas = deltas_by_rank(*spectrum, max(signal, 1e-30), ranks)
         for rank in [None, *ranks]:
             candidates.append(Candidate(bits=candidate_bits(qlinear, rank), loss=deltas[rank], label=(index, rank)))
     return LayerPlan(name=name, shape=tuple(w.shape), alpha=problem.alpha, candidates=tuple(candidates), signal=signal)

@@ -95,28 +95,42 @@ def covariance_root(second_moment, mean) -> np.ndarray:
     return vectors * np.sqrt(np.clip(values, 0, None))
 
 
-def error_spectrum(delta_w, root, mean) -> tuple[np.ndarray, float]:
-    """(eigenvalues of Cov(y) in descending order, ‖E[y]‖²) for y = ΔW x, float64.
+def error_spectrum(delta_w, root, mean, top: int) -> tuple[np.ndarray, float, float]:
+    """(the `top` largest eigenvalues of Cov(y), descending; tr Cov(y); ‖E[y]‖²) for y = ΔW x.
 
     `root` is `covariance_root` of the layer's inputs (computed once per layer). What δ
     needs for every rank at once: with the PCA term of rank r and the mean folded into the
-    bias, E‖residual‖² = Σ_{i >= r} λ_i; with no term at all it is Σ λ + ‖E y‖². With
-    P = ΔW R, Cov(y) = P Pᵀ, whose nonzero spectrum is that of the smaller of P Pᵀ and Pᵀ P.
+    bias, E‖residual‖² = tr Cov(y) − Σ_{i < r} λ_i; with no term at all it is
+    tr Cov(y) + ‖E y‖². With P = ΔW R, Cov(y) = P Pᵀ, whose nonzero spectrum is that of the
+    smaller of P Pᵀ and Pᵀ P; only its top eigenvalues are computed (LAPACK's subset
+    solver). The products run in float32 (δ is a ratio needing a few digits; the layer
+    widths make float64 here the measuring pass's largest cost), the sums in float64.
     """
-    delta_w = np.asarray(delta_w, np.float64)
-    product = delta_w @ root
+    import scipy.linalg
+
+    delta_w = np.asarray(delta_w, np.float32)
+    product = delta_w @ np.asarray(root, np.float32)
     gram = product @ product.T if product.shape[0] <= product.shape[1] else product.T @ product
-    eigenvalues = np.clip(np.linalg.eigvalsh((gram + gram.T) / 2)[::-1], 0, None)
-    mean_y = delta_w @ np.asarray(mean, np.float64)
-    return eigenvalues, float(mean_y @ mean_y)
+    gram = (gram + gram.T) / 2
+    n = gram.shape[0]
+    k = min(top, n)
+    if k:
+        eigenvalues = scipy.linalg.eigh(gram, eigvals_only=True, subset_by_index=[n - k, n - 1], driver="evr")
+        eigenvalues = np.clip(eigenvalues[::-1].astype(np.float64), 0, None)
+    else:
+        eigenvalues = np.zeros(0)
+    total = float(np.sum(np.square(product, dtype=np.float64)))
+    mean_y = delta_w.astype(np.float64) @ np.asarray(mean, np.float64)
+    return eigenvalues, total, float(mean_y @ mean_y)
 
 
-def deltas_by_rank(eigenvalues, mean_sq: float, signal: float, ranks) -> dict:
-    """δ for each rank from `error_spectrum` and the signal E‖W x‖²; key None = no term."""
-    tail = np.concatenate([np.cumsum(eigenvalues[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i >= r} λ_i
-    out = {None: float((tail[0] + mean_sq) / signal)}
+def deltas_by_rank(eigenvalues, total: float, mean_sq: float, signal: float, ranks) -> dict:
+    """δ for each rank from `error_spectrum` (called with top >= max(ranks)) and the signal
+    E‖W x‖²; key None = no term."""
+    head = np.concatenate([[0.0], np.cumsum(eigenvalues)])  # head[r] = Σ_{i < r} λ_i
+    out = {None: float((total + mean_sq) / signal)}
     for r in ranks:
-        out[r] = float(tail[min(r, len(eigenvalues))] / signal)
+        out[r] = float(max(total - head[min(r, len(eigenvalues))], 0.0) / signal)
     return out
 
 

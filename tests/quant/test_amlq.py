@@ -19,6 +19,7 @@ from mpq_jax.quant.amlq import (
     presets_from_config,
     search_alpha,
 )
+from mpq_jax.quant.gptq import inverse_factor
 from mpq_jax.quant.rtn import rtn_quantize
 
 PRESETS = (
@@ -92,17 +93,20 @@ def test_alpha_search_matches_explicit_rtn_reference():
 def test_importance_ranks_the_salient_group_first():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((16, 64))
-    h = np.eye(64)
+    a = rng.standard_normal((64, 200))
+    h = a @ a.T / 200
     w[:, 37] *= 20
-    importance = column_importance(w, h)
-    # Float64 reference: with H = I (+ damping 0.01), [H⁻¹]_ii = 1 / 1.01.
-    np.testing.assert_allclose(importance, np.sum(w**2, axis=0) * 1.01**2, rtol=1e-12)
+    factor = inverse_factor(h, rng.permutation(64), 0.01)
+    importance = column_importance(w, h, factor)
+    # Float64 reference from the explicit damped inverse.
+    inv_diag = np.diag(np.linalg.inv(h + 0.01 * np.mean(np.diag(h)) * np.eye(64)))
+    np.testing.assert_allclose(importance, np.sum(w**2, axis=0) / inv_diag**2, rtol=1e-4)
     assert group_ranks(importance, 32).tolist() == [1, 0]  # the group holding column 37 first
     ranks = group_ranks(importance, 24)  # 3 groups, the last one short
     assert ranks[1] == 0 and sorted(ranks.tolist()) == [0, 1, 2]
     # An input that never fires counts as unimportant.
     h[40, :] = h[:, 40] = 0
-    assert column_importance(w, h)[40] == -1
+    assert column_importance(w, h, inverse_factor(h, np.arange(64)))[40] == -1
 
 
 def test_scaling_is_kept_only_where_gptq_gains_from_it():

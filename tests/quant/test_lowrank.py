@@ -64,11 +64,15 @@ def test_deltas_by_rank_from_the_spectrum_match_explicit_terms(shape):
     w_hat = w + 0.1 * rng.standard_normal((n_out, n_in))
     x = rng.standard_normal((n_in, 400)) * rng.uniform(0.5, 2, (n_in, 1)) + rng.standard_normal((n_in, 1))
     m, mu = x @ x.T / 400, x.mean(axis=1)
-    eigenvalues, mean_sq = error_spectrum(w - w_hat, covariance_root(m, mu), mu)
-    signal = np.sum((w @ m) * w)
     ranks = [0, 1, 3, min(shape), min(shape) + 5]
-    got = deltas_by_rank(eigenvalues, mean_sq, signal, ranks)
-    assert got[None] == pytest.approx(sensitivity(w, w_hat, m, mu), rel=1e-9)
+    eigenvalues, total, mean_sq = error_spectrum(w - w_hat, covariance_root(m, mu), mu, top=max(ranks))
+    signal = np.sum((w @ m) * w)
+    got = deltas_by_rank(eigenvalues, total, mean_sq, signal, ranks)
+    # float32 products: a few parts in 1e6 of δ
+    assert got[None] == pytest.approx(sensitivity(w, w_hat, m, mu), rel=1e-5)
     for r in ranks:
         term = output_error_pca(w - w_hat, m, mu, min(r, n_out))
-        assert got[r] == pytest.approx(direct_delta(w, w_hat, x, term), rel=1e-7, abs=1e-13), r
+        assert got[r] == pytest.approx(direct_delta(w, w_hat, x, term), rel=1e-4, abs=1e-9), r
+    # Only the top eigenvalues are computed; fewer give the same δ for the ranks they cover.
+    few = deltas_by_rank(*error_spectrum(w - w_hat, covariance_root(m, mu), mu, top=3), signal, [0, 1, 3])
+    assert all(few[r] == pytest.approx(got[r], rel=1e-5) for r in (0, 1, 3))
