@@ -10,7 +10,7 @@ What callers choose, so that later methods reuse this core unchanged:
     successors' errors along);
   - what a group is: `group_size` consecutive columns *in the processing order*, with grid
     parameters found on the fly from the error-updated columns when the group starts (the
-    paper; AMLQ's importance-ordered groups and TAMMP's column classes use this), or
+    paper; TAMMP's column classes use this), or
     (`static_groups`, the GPTQ reference code's option, llm-compressor's act-order
     "static") consecutive columns *in the original order*, with parameters fixed up front
     from the original W while the columns are still processed in act-order. The stored

@@ -91,3 +91,30 @@ def test_bench_kernels_cpu_correctness_path(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert {r["backend"] for r in rows} == {"gpu", "tpu"} and {r["mix"] for r in rows} >= {"uniform-3", "amlq-like-r64"}
     assert all(r["interpret"] and r["max_rel_error"] < 1e-4 for r in rows)
+
+
+def test_bench_amlq_rows_on_a_tiny_model(tmp_path, capsys):
+    """Every row kind, exact budgets, the target checks and the plot, on a tiny Llama with
+    the real tokenizer (the real-model passes are tested in tests/quant/test_amlq_model.py)."""
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
+    from mpq_jax.models.checkpoint import default_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path())
+    source = tmp_path / "tiny"
+    tiny_checkpoints.write_tiny_checkpoint("llama", source, sharded=False, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256)
+    tokenizer.save_pretrained(str(source))
+    out = tmp_path / "amlq.json"
+    argv = ["--model", str(source), "--json", str(out), "--windows", "1", "--seq-len", "64", "--targets", "2.6,3.4",
+            "--gptq-bits", "3", "--calib-samples", "2", "--calib-seq-len", "64", "--presets", "small", "--alpha-points", "2"]
+    assert load_script("bench_amlq").main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["target_bpw"]) for r in rows] == [
+        ("fp", None), ("gptq", None), ("amq", 2.6), ("amlq", 2.6), ("amq", 3.4), ("amlq", 3.4)
+    ]
+    for row in rows:
+        assert {"method", "target_bpw", "bpw", "ppl", "seconds"} <= set(row) and row["ppl"] > 1
+        if row["target_bpw"] is not None:
+            assert row["bpw"] <= row["target_bpw"] and row["seconds"] >= row["capture_seconds"] + row["measure_seconds"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "AMLQ <= AMQ at every budget" in printed and "3x GPTQ run wall time" in printed
