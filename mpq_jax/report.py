@@ -91,13 +91,11 @@ def plot_layer_error(report: dict, path: Path) -> None:
     ax.legend(ncol=4, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure atomically (temp name, then rename) and close it."""
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -131,7 +129,7 @@ def plot_amlq(layers: list[dict], folder: Path) -> None:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, folder / "amlq_allocation.png")
+    save_figure(fig, folder / "amlq_allocation.png")
 
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.semilogy(range(len(layers)), [max(r["amlq_delta"], 1e-12) for r in layers], marker=".", linestyle="none")
@@ -140,7 +138,7 @@ def plot_amlq(layers: list[dict], folder: Path) -> None:
     ax.set_title("sensitivity of each layer's chosen candidate")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, folder / "amlq_delta.png")
+    save_figure(fig, folder / "amlq_delta.png")
 
 
 def write_report(output_dir: Path, report: dict) -> None:

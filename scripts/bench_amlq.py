@@ -43,6 +43,7 @@ from mpq_jax.output import atomic_write_text
 from mpq_jax.quant.amlq import DEFAULT_PRESETS, Preset
 from mpq_jax.quant.amlq_model import allocate_model, build_model, measure_model
 from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_gptq
+from mpq_jax.report import save_figure
 
 DEFAULT_TARGETS = tuple(round(2.3 + 0.2 * i, 1) for i in range(11))  # 2.3 ... 4.3
 SMALL_PRESETS = (Preset(128, ((2, 1.0),)), Preset(128, ((3, 1.0),)), Preset(128, ((4, 1.0),)))  # quick runs, tests
@@ -69,10 +70,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def check_targets(rows: list[dict]) -> list[str]:

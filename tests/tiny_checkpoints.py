@@ -65,3 +65,13 @@ def write_tiny_checkpoint(family: str, directory, sharded: bool, seed: int = 0, 
             param.normal_(0.0, 0.2)
     model.save_pretrained(directory, max_shard_size="40KB" if sharded else "10GB")
     return model
+
+
+def write_tiny_checkpoint_with_real_tokenizer(family: str, directory, sharded: bool = False, **overrides):
+    """A tiny checkpoint of `family` that runs the text pipelines (calibration, WikiText-2):
+    the default model's tokenizer saved beside it, and a vocabulary to match."""
+    from mpq_jax.models.checkpoint import default_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path())
+    write_tiny_checkpoint(family, directory, sharded, vocab_size=len(tokenizer), **overrides)
+    tokenizer.save_pretrained(str(directory))

@@ -140,7 +140,6 @@ class LayerPlan:
     shape: tuple[int, int]
     alpha: float
     candidates: tuple[Candidate, ...]
-    signal: float = 1.0  # E‖W x‖² over the calibration tokens: δ × signal is the absolute output error
 
 
 def ranks_for_layer(n_out: int, n_in: int, lowrank_bpw: Sequence[float]) -> tuple[int, ...]:
@@ -324,7 +323,7 @@ def measure_layer(
         deltas = deltas_by_rank(*spectrum, max(signal, 1e-30), ranks)
         for rank in [None, *ranks]:
             candidates.append(Candidate(bits=candidate_bits(qlinear, rank), loss=deltas[rank], label=(index, rank)))
-    return LayerPlan(name=name, shape=tuple(w.shape), alpha=problem.alpha, candidates=tuple(candidates), signal=signal)
+    return LayerPlan(name=name, shape=tuple(w.shape), alpha=problem.alpha, candidates=tuple(candidates))
 
 
 def build_layer(

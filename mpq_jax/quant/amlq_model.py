@@ -98,7 +98,7 @@ def allocate_model(measurement: Measurement, target_bpw: float, lowrank: bool) -
     """One candidate per layer with total stored bits <= target_bpw x weights (greedy)."""
     options = measurement.options(lowrank)
     n = measurement.n_weights
-    low, high = bpw_range(options, n)
+    _, high = bpw_range(options, n)
     if target_bpw > high:
         log.warning("target BPW %.3f is above the most the candidates store (%.3f): every layer gets its best", target_bpw, high)
     choice = greedy_allocate(options, target_bpw * n, n)

@@ -21,14 +21,11 @@ def test_shipped_config_runs_saves_and_reloads_on_a_tiny_qwen(lowrank, tmp_path,
     tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
     from mpq_jax.eval.perplexity import make_windows, perplexity, wikitext2_tokens
     from mpq_jax.models import load_model
-    from mpq_jax.models.checkpoint import default_model_path, load_tokenizer
     from mpq_jax.quantize import main
 
     monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path / "cache"))
-    tokenizer = load_tokenizer(default_model_path())
     source = tmp_path / "tiny"
-    tiny_checkpoints.write_tiny_checkpoint("qwen2", source, sharded=False, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256)
-    tokenizer.save_pretrained(str(source))
+    tiny_checkpoints.write_tiny_checkpoint_with_real_tokenizer("qwen2", source, hidden_size=128, intermediate_size=256)
     config = yaml.safe_load(CONFIG.read_text())
     assert config["quantization"]["method"] == "amlq"
     config["quantization"]["amlq"].update(lowrank=lowrank, alpha_grid=[0.0, 0.5])

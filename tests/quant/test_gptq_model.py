@@ -90,16 +90,13 @@ def test_large_model_configs_run_on_a_tiny_model_of_their_family(config_name, tm
 
     import yaml
 
-    from mpq_jax.models.checkpoint import default_model_path, load_tokenizer
     from mpq_jax.quantize import main
 
-    tokenizer = load_tokenizer(default_model_path())
     source = tmp_path / "tiny"
     # Wide enough for one 128-column group, with the real tokenizer's vocabulary.
-    tiny_checkpoints.write_tiny_checkpoint(
-        LARGE_CONFIGS[config_name], source, sharded=True, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256
+    tiny_checkpoints.write_tiny_checkpoint_with_real_tokenizer(
+        LARGE_CONFIGS[config_name], source, sharded=True, hidden_size=128, intermediate_size=256
     )
-    tokenizer.save_pretrained(str(source))
     config = yaml.safe_load((Path(__file__).parents[2] / "configs" / config_name).read_text())
     assert config["quantization"]["method"] == "gptq" and config["dtype"] == "bfloat16"
     config["calibration"].update(n_samples=2, seq_len=64)

@@ -97,12 +97,8 @@ def test_bench_amlq_rows_on_a_tiny_model(tmp_path, capsys):
     """Every row kind, exact budgets, the target checks and the plot, on a tiny Llama with
     the real tokenizer (the real-model passes are tested in tests/quant/test_amlq_model.py)."""
     tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
-    from mpq_jax.models.checkpoint import default_model_path, load_tokenizer
-
-    tokenizer = load_tokenizer(default_model_path())
     source = tmp_path / "tiny"
-    tiny_checkpoints.write_tiny_checkpoint("llama", source, sharded=False, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256)
-    tokenizer.save_pretrained(str(source))
+    tiny_checkpoints.write_tiny_checkpoint_with_real_tokenizer("llama", source, hidden_size=128, intermediate_size=256)
     out = tmp_path / "amlq.json"
     argv = ["--model", str(source), "--json", str(out), "--windows", "1", "--seq-len", "64", "--targets", "2.6,3.4",
             "--gptq-bits", "3", "--calib-samples", "2", "--calib-seq-len", "64", "--presets", "small", "--alpha-points", "2"]
