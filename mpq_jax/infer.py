@@ -128,15 +128,28 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     eos_ids: Sequence[int] = (),
     seed: int = 0,
+    prompt_len: int | None = None,
+    cache_len: int | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping after an EOS id."""
+    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping after an EOS id.
+
+    `prompt_len` (padded prompt length, default: the next multiple of PROMPT_BUCKET) and
+    `cache_len` (default: padded prompt + max_new_tokens) fix the compiled shapes; callers
+    that generate for many prompts (the lm-eval model) pass a few fixed values so that the
+    prefill and the decode step compile once per bucket instead of once per prompt length.
+    """
     prompt = np.asarray(prompt, dtype=np.int32)
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt: need a non-empty 1-D sequence of token ids")
     if max_new_tokens < 1:
         return
-    bucket = -(-prompt.size // PROMPT_BUCKET) * PROMPT_BUCKET
-    max_len = bucket + max_new_tokens
+    bucket = prompt_len or -(-prompt.size // PROMPT_BUCKET) * PROMPT_BUCKET
+    max_len = cache_len or bucket + max_new_tokens
+    if bucket < prompt.size or max_len < max(bucket, prompt.size + max_new_tokens):
+        raise ValueError(
+            f"generate: prompt_len={bucket} / cache_len={max_len} too small for a {prompt.size}-token prompt "
+            f"and {max_new_tokens} new tokens"
+        )
     padded = np.zeros((1, bucket), np.int32)
     padded[0, : prompt.size] = prompt
     cache = init_cache(spec, 1, max_len, params["embed_tokens"]["weight"].dtype)
