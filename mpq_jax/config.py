@@ -58,16 +58,37 @@ class QuantizationConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PerplexityConfig:
-    enabled: bool = True  # evaluate WikiText-2 perplexity after quantizing
+    enabled: bool = True  # evaluate perplexity after quantizing
+    # texts to score: wikitext2 (the test text) and/or a calibration source's heldout split
+    # (web, wikipedia, code, qa, arxiv: $MPQ_SHARED_DIR/data/corpora/sources/<name>/heldout.jsonl)
+    sets: tuple[str, ...] = ("wikitext2",)
     seq_len: int = 2048  # tokens per non-overlapping window
-    max_windows: int = 0  # first K windows only (0 = the whole test text, ~147 windows at 2048)
+    max_windows: int = 0  # first K windows of each set only (0 = all; WikiText-2 has ~147 at 2048)
     batch_size: int = 1  # windows per forward pass
     wikitext2_path: str | None = None  # default: $MPQ_SHARED_DIR/data/corpora/wikitext2/wiki.test.txt
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TasksConfig:
+    # lm-eval task names or tags from include_path (local_tasks = the nine zero-shot
+    # multiple-choice tasks, local_tasks_extra = LAMBADA and GSM8K); empty = no downstream tasks
+    names: tuple[str, ...] = ()
+    limit: int = 0  # first N documents of each task (0 = all)
+    limits: dict[str, int] | None = None  # per-task limit overriding `limit`, e.g. {local_gsm8k: 20}
+    include_path: str | None = None  # folder of task YAMLs; default $MPQ_SHARED_DIR/data/tasks/lm_eval
+    num_fewshot: int | None = None  # None = each task's own setting
+    batch_size: int = 16  # requests per forward pass (fewer for long ones, see batch_tokens)
+    batch_tokens: int = 8192  # padded tokens per forward pass at most
+    max_length: int = 2048  # context of the lm-eval model (left-truncated beyond it)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
+    tasks: TasksConfig = dataclasses.field(default_factory=TasksConfig)
+    # also evaluate the unquantized model (cached on disk per model and eval settings) and
+    # report the retained fraction quantized / FP
+    compare_fp: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,7 +180,24 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"eval.perplexity.seq_len: must be at least 2, got {ppl.seq_len}")
     if ppl.max_windows < 0 or ppl.batch_size < 1:
         raise ConfigError("eval.perplexity: max_windows must be >= 0 and batch_size >= 1")
+    _validate_perplexity_sets(ppl.sets)
+    tasks = config.eval.tasks
+    if tasks.limit < 0 or any(v < 0 for v in (tasks.limits or {}).values()):
+        raise ConfigError("eval.tasks.limit / limits: a number of documents >= 0 (0 = all)")
+    if tasks.batch_size < 1 or tasks.batch_tokens < 1 or tasks.max_length < 16:
+        raise ConfigError("eval.tasks: batch_size and batch_tokens must be >= 1 and max_length >= 16")
     return config
+
+
+def _validate_perplexity_sets(sets: tuple[str, ...]) -> None:
+    from mpq_jax.data.calibration import DEFAULT_SOURCE_NAMES
+
+    allowed = ("wikitext2",) + DEFAULT_SOURCE_NAMES
+    for name in sets:
+        if name not in allowed:
+            raise ConfigError(f"eval.perplexity.sets: unknown set {name!r}; choose from {', '.join(allowed)}")
+    if len(set(sets)) != len(sets):
+        raise ConfigError("eval.perplexity.sets: a set is listed twice")
 
 
 def _validate_amlq(a: AmlqConfig) -> None:

@@ -1,8 +1,9 @@
 """Command line entry: `python -m mpq_jax.quantize --config configs/X.yaml [--output DIR]`.
 
 Runs the stages of a quantization job in order: load the checkpoint, quantize the block
-linears (method `none`, `rtn`, `gptq` on calibration text, or `amlq`), evaluate WikiText-2 perplexity, save the packed model,
-and write `report.json`, `report.md` and `layer_error.png` into the output folder. This is
+linears (method `none`, `rtn`, `gptq` on calibration text, or `amlq`), evaluate (perplexity
+sets and lm-eval tasks, beside the FP baseline; `mpq_jax.eval.suite`), save the packed model,
+and write `report.json`, `report.md` and the plots into the output folder. This is
 the only place where the stages meet; each stage is a function in its own module.
 
 Not for: the methods themselves (mpq_jax.quant) or benchmarks (scripts/).
@@ -24,7 +25,7 @@ import numpy as np
 
 from mpq_jax.config import RunConfig, config_to_dict, load_config
 from mpq_jax.errors import ConfigError, MpqError
-from mpq_jax.eval.perplexity import make_windows, perplexity, resolve_wikitext2_path, wikitext2_tokens
+from mpq_jax.eval.suite import check_inputs, compare, evaluate, fp_baseline
 from mpq_jax.capture import HessianCache
 from mpq_jax.data.calibration import calibration_tokens, sources_from_config
 from mpq_jax.data.paths import cache_dir
@@ -142,9 +143,8 @@ def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> 
 def run(config: RunConfig, output_dir: Path) -> dict:
     """Run every stage; returns the report dict (also written to output_dir)."""
     timings: dict[str, float] = {}
-    ppl_config = config.eval.perplexity
-    # Find the evaluation text before spending a minute on loading and quantizing.
-    wikitext_path = resolve_wikitext2_path(ppl_config.wikitext2_path) if ppl_config.enabled else None
+    # Find the evaluation text and tasks before spending minutes on loading and quantizing.
+    check_inputs(config.eval)
     start = time.perf_counter()
     model = load_model(config.model, dtype=config.dtype)
     timings["load"] = time.perf_counter() - start
@@ -162,18 +162,9 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         "layers": [{**s.to_json(), **notes.get(s.name, {})} for s in stats],
     }
 
-    if ppl_config.enabled:
-        if model.tokenizer is None:
-            raise ConfigError(
-                f"eval.perplexity: {model.source} has no tokenizer to read WikiText-2 with; "
-                "add one to the checkpoint or set eval.perplexity.enabled: false"
-            )
-        start = time.perf_counter()
-        tokens = wikitext2_tokens(model.tokenizer, wikitext_path)
-        windows = make_windows(tokens, ppl_config.seq_len, ppl_config.max_windows)
-        result = perplexity(params, model.spec, windows, batch_size=ppl_config.batch_size)
-        timings["perplexity"] = time.perf_counter() - start
-        report["perplexity"] = result.to_json()
+    start = time.perf_counter()
+    report.update(evaluation_report(params, model, config))
+    timings["evaluate"] = time.perf_counter() - start
 
     if config.save_model:
         start = time.perf_counter()
@@ -191,6 +182,20 @@ def run(config: RunConfig, output_dir: Path) -> dict:
     report["seconds"] = timings
     write_report(output_dir, report)
     return report
+
+
+def evaluation_report(params: dict, model: LoadedModel, config: RunConfig) -> dict:
+    """The report's evaluation entries: `perplexity` (WikiText-2, when scored) and `eval`
+    (every perplexity set and task, for this model and, unless it is the unquantized model
+    itself or compare_fp is off, for the FP baseline, side by side)."""
+    evaluation = evaluate(params, model, config.eval, label=config.quantization.method)
+    fp = None
+    if config.eval.compare_fp and config.quantization.method != "none" and (evaluation["perplexity"] or evaluation["tasks"]):
+        fp = fp_baseline(model, config.eval, model_identity(model.source, config.dtype))
+    entries: dict = {"eval": {"quantized": evaluation, "fp": fp, **compare(evaluation, fp)}}
+    if "wikitext2" in evaluation["perplexity"]:
+        entries["perplexity"] = evaluation["perplexity"]["wikitext2"]
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:

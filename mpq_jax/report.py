@@ -1,5 +1,6 @@
 """Reports of a run: `report.json` (everything), `report.md` (for people), `layer_error.png`,
-and for AMLQ runs `amlq_allocation.png` (bits and rank per block and layer type, as the
+`capabilities.png` (retained fraction per capability dimension, when tasks were run beside
+the FP baseline), and for AMLQ runs `amlq_allocation.png` (bits and rank per block and layer type, as the
 paper's Figure 2) and `amlq_delta.png` (sensitivity δ per layer).
 
 Each file is written atomically. Not for: computing the numbers (the stages do that).
@@ -41,6 +42,8 @@ def markdown_report(report: dict) -> str:
         )
     if "packed_model" in report:
         lines.append(f"- packed model: `{report['packed_model']}`")
+    if "eval" in report:
+        lines += evaluation_markdown(report["eval"])
     lines += ["", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report.get("seconds", {}).items()]
     has_loss = any("gptq_loss" in s for s in report["layers"])
@@ -69,6 +72,67 @@ def markdown_report(report: dict) -> str:
             for s in report["layers"]
         ]
     return "\n".join(lines) + "\n"
+
+
+def _number(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def evaluation_markdown(evaluation: dict) -> list[str]:
+    """The evaluation sections: perplexity per set, capability dimensions, tasks; FP beside
+    the model with the retained fraction (quantized / FP) or the perplexity ratio."""
+    lines: list[str] = []
+    if evaluation["perplexity"]:
+        lines += ["", "## Perplexity", "", "| text | FP | this model | ratio |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {row['set']} | {_number(row['fp'])} | {_number(row['quantized'])} | {_number(row['ratio'], 3)} |"
+            for row in evaluation["perplexity"]
+        ]
+    if evaluation["tasks"]:
+        lines += [
+            "",
+            "## Capabilities (lm-eval tasks, TAMMP's five dimensions)",
+            "",
+            *(["![retained fraction per capability](capabilities.png)", ""] if evaluation["fp"] is not None else []),
+            "| dimension | tasks | FP | this model | retained |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {row['dimension']} | {', '.join(row['tasks']) or 'no local task'} | {_number(row['fp'])} "
+            f"| {_number(row['quantized'])} | {_number(row['retained'], 3)} |"
+            for row in evaluation["capabilities"]
+        ]
+        lines += ["", "| task | dimension | metric | documents | FP | this model | retained |", "|---|---|---|---:|---:|---:|---:|"]
+        lines += [
+            f"| {row['task']} | {row['dimension']} | {row['metric']} | {row['samples']} | {_number(row['fp'])} "
+            f"| {_number(row['quantized'])} | {_number(row['retained'], 3)} |"
+            for row in evaluation["tasks"]
+        ]
+    return lines
+
+
+def plot_capabilities(rows: list[dict], path: Path, title: str) -> None:
+    """Bars of the retained fraction (quantized / FP) per capability dimension; a dimension
+    without a local task or an FP score is labelled instead of drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    names = [row["dimension"] for row in rows]
+    values = [row["retained"] or 0.0 for row in rows]
+    bars = ax.bar(range(len(rows)), values, color="tab:blue")
+    for bar, row in zip(bars, rows):
+        label = f"{row['retained']:.2f}" if row["retained"] is not None else ("no local task" if not row["tasks"] else "n/a")
+        ax.text(bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0.02) + 0.02, label, ha="center", fontsize=8)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
+    ax.set_ylabel("retained fraction (quantized / FP)")
+    ax.set_ylim(0, max([1.15] + [v + 0.15 for v in values]))
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def plot_layer_error(report: dict, path: Path) -> None:
@@ -149,4 +213,7 @@ def write_report(output_dir: Path, report: dict) -> None:
     plot_layer_error(report, output_dir / "layer_error.png")
     if any("amlq_preset" in s for s in report["layers"]):
         plot_amlq(report["layers"], output_dir)
+    capabilities = report.get("eval", {}).get("capabilities")
+    if capabilities and report["eval"]["fp"] is not None:
+        plot_capabilities(capabilities, output_dir / "capabilities.png", f"{report['method']}: capabilities retained")
     log.info("wrote %s", output_dir / "report.md")

@@ -7,8 +7,8 @@ drawn from it: `calibration_tokens(tokenizer, sources, n_samples, seq_len, seed)
 `{source name: int32 [n_samples, seq_len]}`.
 
 The default sources are the `calib.jsonl` splits under `$MPQ_SHARED_DIR/data/corpora/sources/`
-(web, wikipedia, code, qa, arxiv); their `heldout.jsonl` splits are for evaluation and are
-never read here.
+(web, wikipedia, code, qa, arxiv); their `heldout.jsonl` splits are for evaluation
+(`heldout_tokens`, scored by perplexity) and never feed calibration.
 
 Not for: running the model on the windows (Hessians, activation statistics) or mixing
 sources into one budget; callers decide how many samples each source gets.
@@ -181,6 +181,13 @@ def _token_stream(tokenizer, documents: list[str]) -> np.ndarray:
             pieces.append(np.asarray([eos], dtype=np.int32))
         pieces.append(tokenize_text(tokenizer, document))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def heldout_tokens(tokenizer, name: str) -> np.ndarray:
+    """The EOS-joined token stream of default source `name`'s heldout split (for perplexity)."""
+    (source,) = default_sources((name,))
+    heldout = dataclasses.replace(source, path=str(Path(source.path).with_name("heldout.jsonl")))
+    return _token_stream(tokenizer, read_documents(heldout))
 
 
 def calibration_tokens(

@@ -213,6 +213,11 @@ def load_quantized(directory):
     return params, manifest["metadata"]
 
 
+def read_metadata(directory) -> dict:
+    """The metadata a checkpoint was saved with (model spec, source, run config), without its tensors."""
+    return _read_manifest(Path(directory))["metadata"]
+
+
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST_FILE
     if not path.is_file():

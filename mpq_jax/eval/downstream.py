@@ -1,0 +1,197 @@
+"""Downstream tasks through lm-evaluation-harness, grouped into TAMMP's five capability dimensions.
+
+`run_tasks` evaluates an `MpqJaxLM` on lm-eval tasks read only from a local folder of task
+YAMLs (default: the shared `data/tasks/lm_eval`; lm-eval's built-in, hub-reading tasks are
+not indexed), and returns one headline score per task. `capability_table` and `task_table`
+put a quantized model's scores beside the unquantized model's with the retained fraction
+(quantized / FP), the measure TAMMP reports per dimension.
+
+Dimensions follow TAMMP's evaluation section: commonsense reasoning (PIQA, Social IQa,
+HellaSwag, WinoGrande, ARC-c, ARC-e, OpenBookQA, CommonsenseQA), world knowledge (NQ-Open,
+TriviaQA), reading comprehension (SQuAD, BoolQ), math (GSM8K, MathQA), code (MBPP). Only the
+tasks with a local copy count; LAMBADA, which TAMMP does not use, is placed under reading
+comprehension (predicting a passage's last word needs the whole passage). World knowledge
+and code have no local task and are reported as such.
+
+Not for: the lm-eval model itself (`mpq_jax.eval.harness`) or perplexity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from mpq_jax.data.paths import shared_dir
+from mpq_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "commonsense reasoning": (
+        "local_piqa",
+        "local_social_iqa",
+        "local_hellaswag",
+        "local_winogrande",
+        "local_arc_challenge",
+        "local_arc_easy",
+        "local_openbookqa",
+        "local_commonsense_qa",
+    ),
+    "reading comprehension": ("local_boolq", "local_lambada_openai"),
+    "world knowledge": (),  # TAMMP: NQ-Open, TriviaQA (no local copy)
+    "math": ("local_gsm8k",),  # TAMMP also uses MathQA (no local copy)
+    "code": (),  # TAMMP: MBPP (no local copy)
+}
+OTHER = "other"  # tasks outside the five dimensions
+
+# The headline metric of a task, as lm-eval names it; accuracy unless listed.
+TASK_METRIC = {"local_gsm8k": "exact_match,strict-match"}
+DEFAULT_METRIC = "acc,none"
+
+
+def capability_of(task: str) -> str:
+    for dimension, tasks in CAPABILITIES.items():
+        if task in tasks:
+            return dimension
+    return OTHER
+
+
+def default_include_path() -> Path:
+    return shared_dir() / "data" / "tasks" / "lm_eval"
+
+
+def task_manager(include_path: str | Path | None = None):
+    """lm-eval's TaskManager over the local task folder only."""
+    from lm_eval.tasks import TaskManager
+
+    path = Path(include_path) if include_path else default_include_path()
+    if not path.is_dir():
+        raise ConfigError(f"eval.tasks.include_path: {path} is not a folder of lm-eval task YAMLs")
+    # Local loaders only: no dataset may come from a hub.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return TaskManager(include_path=str(path), include_defaults=False)
+
+
+def resolve_tasks(manager, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Task names with tags (e.g. `local_tasks`) expanded, in the given order, each once."""
+    index = manager.task_index
+    resolved: list[str] = []
+    for name in names:
+        if name in manager.all_subtasks:
+            members = [name]
+        elif name in manager.all_tags:
+            members = sorted(task for task, entry in index.items() if name in entry.tags)
+        else:
+            raise ConfigError(
+                f"eval.tasks.names: unknown task {name!r}; local tasks: {', '.join(manager.all_subtasks)}; "
+                f"tags: {', '.join(manager.all_tags)}"
+            )
+        resolved += [task for task in members if task not in resolved]
+    return resolved
+
+
+def run_tasks(
+    lm,
+    names: tuple[str, ...] | list[str],
+    limit: int = 0,
+    limits: dict[str, int] | None = None,
+    include_path: str | Path | None = None,
+    num_fewshot: int | None = None,
+    manager=None,
+) -> dict[str, dict]:
+    """{task: {"metric", "value", "stderr", "samples", "dimension"}} for every task in `names`.
+
+    `limit` is the number of documents per task (the first ones; 0 = all), `limits`
+    overrides it per task. Tasks sharing a limit run in one lm-eval call.
+    """
+    from lm_eval import simple_evaluate
+
+    manager = manager or task_manager(include_path)
+    tasks = resolve_tasks(manager, names)
+    by_limit: dict[int, list[str]] = {}
+    for task in tasks:
+        by_limit.setdefault((limits or {}).get(task, limit), []).append(task)
+    scores: dict[str, dict] = {}
+    for task_limit, group in by_limit.items():
+        log.info("lm-eval: %s (limit %s)", ", ".join(group), task_limit or "none")
+        output = simple_evaluate(
+            model=lm,
+            tasks=group,
+            task_manager=manager,
+            limit=task_limit or None,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            bootstrap_iters=0,  # stderr from the closed form, not resampling (seconds per task)
+        )
+        for task in group:
+            scores[task] = headline_score(task, output["results"][task], output["n-samples"][task]["effective"])
+    return {task: scores[task] for task in tasks}
+
+
+def headline_score(task: str, results: dict, samples: int) -> dict:
+    metric = TASK_METRIC.get(task, DEFAULT_METRIC)
+    if metric not in results:
+        raise ConfigError(f"lm-eval task {task} reports no {metric} (it reports {', '.join(results)})")
+    name, _, filter_name = metric.partition(",")
+    stderr = results.get(f"{name}_stderr,{filter_name}")
+    return {
+        "metric": metric,
+        "value": float(results[metric]),
+        "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+        "samples": int(samples),
+        "dimension": capability_of(task),
+    }
+
+
+def retained(quantized: float | None, fp: float | None) -> float | None:
+    """quantized / FP, or None where the FP score is zero or missing (nothing to retain)."""
+    if quantized is None or not fp:
+        return None
+    return quantized / fp
+
+
+def task_table(quantized: dict[str, dict], fp: dict[str, dict] | None) -> list[dict]:
+    """One row per task: dimension, metric, FP, quantized, retained."""
+    rows = []
+    for task, score in quantized.items():
+        fp_value = fp[task]["value"] if fp and task in fp else None
+        rows.append(
+            {
+                "task": task,
+                "dimension": score["dimension"],
+                "metric": score["metric"],
+                "samples": score["samples"],
+                "fp": fp_value,
+                "quantized": score["value"],
+                "retained": retained(score["value"], fp_value),
+            }
+        )
+    return rows
+
+
+def capability_table(quantized: dict[str, dict], fp: dict[str, dict] | None) -> list[dict]:
+    """One row per dimension (the five, then `other` if used): mean score over its evaluated
+    tasks for FP and quantized, and retained = mean quantized / mean FP. A dimension with no
+    evaluated task has tasks [] and no scores."""
+    dimensions = list(CAPABILITIES) + ([OTHER] if any(s["dimension"] == OTHER for s in quantized.values()) else [])
+    rows = []
+    for dimension in dimensions:
+        tasks = [task for task, score in quantized.items() if score["dimension"] == dimension]
+        quant_mean = _mean([quantized[t]["value"] for t in tasks])
+        fp_mean = _mean([fp[t]["value"] for t in tasks]) if fp and all(t in fp for t in tasks) else None
+        rows.append(
+            {
+                "dimension": dimension,
+                "tasks": tasks,
+                "fp": fp_mean,
+                "quantized": quant_mean,
+                "retained": retained(quant_mean, fp_mean),
+            }
+        )
+    return rows
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
