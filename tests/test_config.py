@@ -27,7 +27,20 @@ def test_defaults_quantize_default_model(tmp_path):
     config = load_config(write(tmp_path, "{}\n"))
     assert config.model == "smollm2-135m-instruct"
     assert (config.quantization.method, config.quantization.bits, config.quantization.group_size) == ("rtn", 4, 128)
-    assert config.eval.perplexity.seq_len == 2048
+    assert config.eval.perplexity.seq_len == 2048 and config.eval.perplexity.sets == ("wikitext2",)
+    assert config.eval.tasks.names == () and config.eval.compare_fp
+
+
+def test_eval_section_parses_sets_and_tasks(tmp_path):
+    text = (
+        "eval:\n  perplexity:\n    sets: [wikitext2, code]\n"
+        "  tasks:\n    names: [local_tasks, local_gsm8k]\n    limit: 50\n    limits: {local_gsm8k: 5}\n"
+        "  compare_fp: false\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.eval.perplexity.sets == ("wikitext2", "code")
+    assert config.eval.tasks.names == ("local_tasks", "local_gsm8k") and config.eval.tasks.limits == {"local_gsm8k": 5}
+    assert config.eval.tasks.limit == 50 and not config.eval.compare_fp
 
 
 @pytest.mark.parametrize(
@@ -51,6 +64,11 @@ def test_defaults_quantize_default_model(tmp_path):
         ("quantization:\n  method: amlq\n  amlq:\n    alpha_grid: [0.0, 1.5]\n", "quantization.amlq.alpha_grid", "[0, 1]"),
         ("quantization:\n  method: amlq\n  amlq:\n    lowrank_bpw: [0.0]\n", "quantization.amlq.lowrank_bpw", "positive"),
         ("quantization:\n  amlq:\n    ranks: [32]\n", "quantization.amlq.ranks", "allowed fields: target_bpw"),
+        ("eval:\n  perplexity:\n    sets: [wikitext2, github]\n", "eval.perplexity.sets", "wikitext2, web, wikipedia"),
+        ("eval:\n  perplexity:\n    sets: [code, code]\n", "eval.perplexity.sets", "listed twice"),
+        ("eval:\n  tasks:\n    limit: -1\n", "eval.tasks.limit", ">= 0"),
+        ("eval:\n  tasks:\n    limits: {local_gsm8k: two}\n", "eval.tasks.limits.local_gsm8k", "expected int"),
+        ("eval:\n  tasks:\n    tasks: [local_piqa]\n", "eval.tasks.tasks", "allowed fields: names"),
     ],
 )
 def test_mistakes_name_the_field(tmp_path, text, field, hint):
