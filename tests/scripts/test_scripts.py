@@ -114,3 +114,19 @@ def test_bench_amlq_rows_on_a_tiny_model(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "AMLQ <= AMQ at every budget" in printed and "3x GPTQ run wall time" in printed
+
+
+def test_bench_eval_rows_on_a_tiny_model(tmp_path, shared_dir, capsys):
+    pytest.importorskip("lm_eval")
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
+    source = tmp_path / "tiny"
+    tiny_checkpoints.write_tiny_checkpoint_with_real_tokenizer("llama", source)
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(source), "--methods", "fp,rtn3", "--limit", "1", "--gsm8k-limit", "1", "--json", str(out)]
+    assert load_script("bench_eval").main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {"fp", "rtn3"} and result["methods"]["rtn3"]["bpw"] < 4
+    assert len(result["methods"]["fp"]["tasks"]) == 11 and all(row["samples"] == 1 for row in result["methods"]["rtn3"]["tasks"])
+    assert result["speed"]["mpq_jax_seconds"] > 0 and result["speed"]["hf_seconds"] > 0
+    assert all(result["speed"]["same_scores"].values())
+    assert out.with_suffix(".png").is_file() and "identical scores on every task: True" in capsys.readouterr().out
