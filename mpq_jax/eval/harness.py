@@ -363,7 +363,7 @@ def score_sequences(
     rows, owners = plan_rows(sequences, continuation_lengths)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inputs))
     row_scores: list[tuple[np.ndarray, np.ndarray]] = [None] * len(rows)  # type: ignore[list-item]
-    bar = tqdm(total=len(sequences), desc="loglikelihood", disable=disable_tqdm)
+    bar = tqdm(total=sum(len(row.positions) for row in rows), desc="loglikelihood", unit="token", disable=disable_tqdm)
     position = 0
     while position < len(order):
         length = padded_length(len(rows[order[position]].inputs), lm.buckets)
