@@ -3,11 +3,12 @@
 The blocks are the decoder's own (`mpq_jax.models.decoder`): the same norms, RoPE and
 `linear`, so every QuantizedLinear goes through the kernel dispatch (Pallas kernels on
 GPU/TPU, the jnp reference on CPU). Only attention differs: keys and values are written
-into a fixed-size cache [B, max_len, KV, hd] at the current position and queries attend to
-every cached position up to their own (positions beyond are masked), so one compiled decode
-step serves the whole generation.
+into a fixed-size cache [B, max_len, KV, hd] at each row's current position and queries
+attend to every cached position up to their own (positions beyond are masked), so one
+compiled decode step serves the whole generation, and rows of one batch may sit at
+different positions (prompts of different lengths generating side by side).
 
-The prompt is right-padded to a multiple of PROMPT_BUCKET tokens, so prompts of nearby
+Prompts are right-padded to a multiple of PROMPT_BUCKET tokens, so prompts of nearby
 lengths share one compiled prefill; the padded positions are masked from the real ones and
 overwritten by the decode steps that follow.
 
@@ -50,21 +51,27 @@ def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype) -> list[dict]:
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(spec.num_layers)]
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array) -> jax.Array:
-    """q [B, T, H, hd] at positions start..start+T-1 over the cache [B, S, KV, hd] -> [B, T, H, hd]."""
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, starts: jax.Array) -> jax.Array:
+    """q [B, T, H, hd] at positions starts[b]..starts[b]+T-1 over the cache [B, S, KV, hd] -> [B, T, H, hd]."""
     batch, seq, heads, hd = q.shape
     kv_heads = k_cache.shape[2]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
-    query_pos = start + jnp.arange(seq)
-    visible = jnp.arange(k_cache.shape[1])[None, :] <= query_pos[:, None]  # [T, S]
-    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    query_pos = starts[:, None] + jnp.arange(seq)[None, :]  # [B, T]
+    visible = jnp.arange(k_cache.shape[1])[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
     return out.reshape(batch, seq, heads, hd).astype(q.dtype)
 
 
-def block_step(layer: dict, spec: ModelSpec, h: jax.Array, cos, sin, cache: dict, start) -> tuple[jax.Array, dict]:
-    """One block over new positions [start, start + T), reading and extending its cache."""
+def _write_rows(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """cache [B, S, KV, hd] with new [B, T, KV, hd] written at row b's positions starts[b].."""
+    write = lambda row, update, start: jax.lax.dynamic_update_slice(row, update, (start, 0, 0))  # noqa: E731
+    return jax.vmap(write)(cache, new.astype(cache.dtype), starts)
+
+
+def block_step(layer: dict, spec: ModelSpec, h: jax.Array, cos, sin, cache: dict, starts) -> tuple[jax.Array, dict]:
+    """One block over each row's new positions [starts[b], starts[b] + T), reading and extending its cache."""
     batch, seq, _ = h.shape
     p = layer["self_attn"]
     x = rms_norm(h, layer["input_layernorm"]["weight"], spec.rms_norm_eps)
@@ -75,12 +82,8 @@ def block_step(layer: dict, spec: ModelSpec, h: jax.Array, cos, sin, cache: dict
         q = rms_norm(q, p["q_norm"]["weight"], spec.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], spec.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    at = (0, start, 0, 0)
-    cache = {
-        "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
-        "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
-    }
-    context = cached_attention(q, cache["k"], cache["v"], start).reshape(batch, seq, -1)
+    cache = {"k": _write_rows(cache["k"], k, starts), "v": _write_rows(cache["v"], v, starts)}
+    context = cached_attention(q, cache["k"], cache["v"], starts).reshape(batch, seq, -1)
     h = h + linear(p["o_proj"], context)
     x = rms_norm(h, layer["post_attention_layernorm"]["weight"], spec.rms_norm_eps)
     return h + mlp(layer["mlp"], x)[0], cache
@@ -88,15 +91,24 @@ def block_step(layer: dict, spec: ModelSpec, h: jax.Array, cos, sin, cache: dict
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="cache")
 def model_step(params: dict, spec: ModelSpec, tokens: jax.Array, cache: list[dict], start, last) -> tuple[jax.Array, list]:
-    """tokens [B, T] at positions start.. -> (float32 logits [B, V] at index `last`, new cache)."""
+    """tokens [B, T] at positions start.. -> (float32 logits [B, V] at index `last`, new cache).
+
+    `start` and `last` are one number for every row or one per row ([B]): rows of a batch may
+    be at different positions (prompts of different lengths generating side by side).
+    """
+    batch, seq = tokens.shape
+    starts = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
+    lasts = jnp.broadcast_to(jnp.asarray(last, jnp.int32), (batch,))
     inv_freq = jnp.asarray(rope_inverse_frequencies(spec))
-    cos, sin = rope_tables(inv_freq, start + jnp.arange(tokens.shape[1]))
+    positions = starts[:, None] + jnp.arange(seq)[None, :]  # [B, T]
+    cos, sin = rope_tables(inv_freq, positions.reshape(-1))
+    cos, sin = cos.reshape(batch, seq, -1), sin.reshape(batch, seq, -1)
     h = params["embed_tokens"]["weight"][tokens]
     new_cache = []
     for layer, layer_cache in zip(params["layers"], cache):
-        h, layer_cache = block_step(layer, spec, h, cos, sin, layer_cache, start)
+        h, layer_cache = block_step(layer, spec, h, cos, sin, layer_cache, starts)
         new_cache.append(layer_cache)
-    h_last = jax.lax.dynamic_index_in_dim(h, last, axis=1, keepdims=False)  # [B, D]
+    h_last = jnp.take_along_axis(h, lasts[:, None, None], axis=1)[:, 0]  # [B, D]
     h_last = rms_norm(h_last, params["norm"]["weight"], spec.rms_norm_eps)
     return (h_last @ lm_head_weight(params, spec).T).astype(jnp.float32), new_cache
 
@@ -119,6 +131,62 @@ def choose_token(logits: jax.Array, sampling: SamplingConfig, key) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def generate_steps(
+    params: dict,
+    spec: ModelSpec,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int = 0,
+    rows: int | None = None,
+    prompt_len: int | None = None,
+    cache_len: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Generate after several prompts side by side: yields each step's new token ids [len(prompts)].
+
+    Prompts are right-padded to `prompt_len` (default: the longest, rounded up to a multiple
+    of PROMPT_BUCKET) and each row then decodes at its own position, so prompts of different
+    lengths share every forward pass (one read of the weights per step for the whole batch).
+    `rows` pads the batch with copies of the first prompt up to a fixed row count, and
+    `cache_len` (default: padded prompt + max_new_tokens) fixes the cache: callers that
+    generate for many prompts pass a few fixed values, so that the prefill and the decode
+    step compile once per bucket. The caller stops early by closing the generator (EOS, stop
+    strings); at most `max_new_tokens` steps are yielded.
+    """
+    prompts = [np.asarray(prompt, dtype=np.int32) for prompt in prompts]
+    if not prompts or any(prompt.ndim != 1 or prompt.size == 0 for prompt in prompts):
+        raise ValueError("prompts: need one or more non-empty 1-D sequences of token ids")
+    if max_new_tokens < 1:
+        return
+    longest = max(prompt.size for prompt in prompts)
+    bucket = prompt_len or -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    max_len = cache_len or bucket + max_new_tokens
+    count = rows or len(prompts)
+    if bucket < longest or max_len < max(bucket, longest + max_new_tokens) or count < len(prompts):
+        raise ValueError(
+            f"generate: prompt_len={bucket} / cache_len={max_len} / rows={count} too small for "
+            f"{len(prompts)} prompts of up to {longest} tokens and {max_new_tokens} new tokens"
+        )
+    padded = np.zeros((count, bucket), np.int32)
+    lengths = np.full(count, prompts[0].size, np.int32)
+    for row in range(count):
+        prompt = prompts[row] if row < len(prompts) else prompts[0]
+        padded[row, : prompt.size] = prompt
+        lengths[row] = prompt.size
+    cache = init_cache(spec, count, max_len, params["embed_tokens"]["weight"].dtype)
+    key = jax.random.PRNGKey(seed)
+    logits, cache = model_step(params, spec, jnp.asarray(padded), cache, jnp.int32(0), jnp.asarray(lengths - 1))
+    for step in range(max_new_tokens):
+        key, subkey = jax.random.split(key)
+        tokens = choose_token(logits, sampling, subkey)
+        yield np.asarray(tokens[: len(prompts)])
+        if step == max_new_tokens - 1:
+            return
+        # The token just chosen sits at each row's next position: prompt length + step.
+        logits, cache = model_step(params, spec, tokens[:, None], cache, jnp.asarray(lengths + step), jnp.int32(0))
+
+
 def generate(
     params: dict,
     spec: ModelSpec,
@@ -128,42 +196,11 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     eos_ids: Sequence[int] = (),
     seed: int = 0,
-    prompt_len: int | None = None,
-    cache_len: int | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping after an EOS id.
-
-    `prompt_len` (padded prompt length, default: the next multiple of PROMPT_BUCKET) and
-    `cache_len` (default: padded prompt + max_new_tokens) fix the compiled shapes; callers
-    that generate for many prompts (the lm-eval model) pass a few fixed values so that the
-    prefill and the decode step compile once per bucket instead of once per prompt length.
-    """
-    prompt = np.asarray(prompt, dtype=np.int32)
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError("prompt: need a non-empty 1-D sequence of token ids")
-    if max_new_tokens < 1:
-        return
-    bucket = prompt_len or -(-prompt.size // PROMPT_BUCKET) * PROMPT_BUCKET
-    max_len = cache_len or bucket + max_new_tokens
-    if bucket < prompt.size or max_len < max(bucket, prompt.size + max_new_tokens):
-        raise ValueError(
-            f"generate: prompt_len={bucket} / cache_len={max_len} too small for a {prompt.size}-token prompt "
-            f"and {max_new_tokens} new tokens"
-        )
-    padded = np.zeros((1, bucket), np.int32)
-    padded[0, : prompt.size] = prompt
-    cache = init_cache(spec, 1, max_len, params["embed_tokens"]["weight"].dtype)
-    key = jax.random.PRNGKey(seed)
-    logits, cache = model_step(params, spec, jnp.asarray(padded), cache, jnp.int32(0), jnp.int32(prompt.size - 1))
-    position = prompt.size
+    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping after an EOS id."""
     eos = set(int(t) for t in eos_ids)
-    for step in range(max_new_tokens):
-        key, subkey = jax.random.split(key)
-        token = int(choose_token(logits, sampling, subkey)[0])
+    for tokens in generate_steps(params, spec, [prompt], max_new_tokens, sampling=sampling, seed=seed):
+        token = int(tokens[0])
         yield token
-        if token in eos or step == max_new_tokens - 1:
+        if token in eos:
             return
-        logits, cache = model_step(
-            params, spec, jnp.asarray([[token]], jnp.int32), cache, jnp.int32(position), jnp.int32(0)
-        )
-        position += 1

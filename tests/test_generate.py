@@ -78,3 +78,16 @@ def test_packed_default_model_generates_like_its_dense_weights(default_model, tm
     assert main(["--model", str(folder), "--prompt", "The history of the Roman Empire", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert out.strip() and out.strip() in default_model.tokenizer.decode(from_packed, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_prompts_of_different_lengths_generate_side_by_side_as_alone(family, load_tiny_model):
+    from mpq_jax.infer import generate_steps
+
+    model = load_tiny_model(family)
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(0, model.spec.vocab_size, n)) for n in (5, 17, 2)]
+    alone = [list(generate(model.params, model.spec, prompt, 6)) for prompt in prompts]
+    steps = list(generate_steps(model.params, model.spec, prompts, 6, rows=4, prompt_len=32, cache_len=48))
+    side_by_side = np.stack(steps, axis=1)  # [prompts, steps]
+    assert side_by_side.tolist() == alone

@@ -17,9 +17,9 @@ Fixed shapes: a batch of requests is right-padded to one of a few bucket lengths
 (`bucket_lengths`) and to a fixed number of rows for that length (at most `batch_size`, and
 at most `batch_tokens` tokens in all), so jit compiles each block once per bucket rather
 than once per request. Right padding cannot change a causal model's scores at the real
-positions; padded rows and positions are dropped. Generation runs one prompt at a time with
-the KV cache of `mpq_jax.infer`, its prompt padded to a bucket and its cache `max_length`
-long, so it too compiles once per bucket.
+positions; padded rows and positions are dropped. Generation runs `batch_size` prompts side
+by side with the KV cache of `mpq_jax.infer` (`generate_steps`), prompts padded to a bucket,
+a power-of-two row count and a cache `max_length` long, so it too compiles once per bucket.
 
 Quantized block linears are dequantized once when no Pallas kernel serves the backend (CPU),
 as perplexity does; on GPU/TPU every forward runs the kernels.
@@ -36,6 +36,7 @@ Not for: choosing tasks or summarizing results (`mpq_jax.eval.downstream`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -45,7 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mpq_jax.errors import ConfigError
-from mpq_jax.infer import SamplingConfig, generate
+from mpq_jax.infer import SamplingConfig, generate_steps
 from mpq_jax.models.checkpoint import LoadedModel, load_model
 from mpq_jax.models.decoder import final_hidden, lm_head_weight, target_log_probs
 from mpq_jax.quant.model import dequantized_params
@@ -228,23 +229,42 @@ class MpqJaxLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, when the task asks) continuations, cut at the first stop string."""
+        """Greedy (or sampled, when the task asks) continuations, cut at the first stop string.
+
+        Requests with the same generation settings run `batch_size` at a time, longest prompt
+        first, each row stopping on its own (EOS or a stop string) and the batch when all have.
+        """
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        outputs = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
+        groups: dict[str, list[tuple[int, list[int], list[str]]]] = {}
+        settings: dict[str, dict] = {}
+        for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             kwargs = normalize_gen_kwargs(gen_kwargs, self._max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            text = self.generate_text(context, until, kwargs)
-            outputs.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            max_new = int(kwargs["max_gen_toks"])
+            if max_new >= self._max_length:
+                raise ConfigError(f"generation asks for {max_new} new tokens, not fewer than max_length {self._max_length}")
+            key = json.dumps(kwargs, sort_keys=True, default=str)
+            settings[key] = kwargs
+            # As `hf`: the context keeps its last max_length - max_gen_toks tokens.
+            groups.setdefault(key, []).append((index, self.tok_encode(context)[-(self._max_length - max_new) :], until))
+        outputs: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
+        for key, jobs in groups.items():
+            jobs.sort(key=lambda job: -len(job[1]))
+            for first in range(0, len(jobs), self.batch_size):
+                batch = jobs[first : first + self.batch_size]
+                texts = self.generate_texts([job[1] for job in batch], [job[2] for job in batch], settings[key])
+                for (index, _, _), text in zip(batch, texts):
+                    outputs[index] = text
+                bar.update(len(batch))
+        bar.close()
+        for req, text in zip(requests, outputs):
+            self.cache_hook.add_partial("generate_until", req.args, text)
         return outputs
 
-    def generate_text(self, context: str, until: list[str], kwargs: dict) -> str:
-        max_new = int(kwargs.get("max_gen_toks", self._max_gen_toks))
-        if max_new >= self._max_length:
-            raise ConfigError(f"generation asks for {max_new} new tokens, not fewer than max_length {self._max_length}")
-        prompt = self.tok_encode(context)[-(self._max_length - max_new) :]
+    def generate_texts(self, prompts: list[list[int]], untils: list[list[str]], kwargs: dict) -> list[str]:
+        """Decoded continuations of `prompts` side by side, each cut at its first stop string."""
         sampling = SamplingConfig()
         if kwargs.get("do_sample"):
             sampling = SamplingConfig(
@@ -252,27 +272,34 @@ class MpqJaxLM(TemplateLM):
                 top_k=int(kwargs.get("top_k") or 0),
                 top_p=float(kwargs.get("top_p") or 1.0),
             )
-        new_tokens: list[int] = []
-        text = ""
-        for token in generate(
+        new_tokens: list[list[int]] = [[] for _ in prompts]
+        texts = [""] * len(prompts)
+        done = [False] * len(prompts)
+        steps = generate_steps(
             self.params,
             self.spec,
-            prompt,
-            max_new,
+            prompts,
+            int(kwargs["max_gen_toks"]),
             sampling=sampling,
-            eos_ids=[self.eot_token_id],
             seed=int(kwargs.get("seed") or 0),
-            prompt_len=padded_length(len(prompt), self.buckets),
+            rows=min(self.batch_size, 1 << (len(prompts) - 1).bit_length()),  # a few fixed row counts
+            prompt_len=padded_length(max(len(p) for p in prompts), self.buckets),
             cache_len=self._max_length,
-        ):
-            new_tokens.append(token)
-            text = self.tok_decode(new_tokens)
-            if any(stop and stop in text for stop in until):
+        )
+        for tokens in steps:
+            for row, token in enumerate(tokens.tolist()):
+                if done[row]:
+                    continue
+                new_tokens[row].append(token)
+                texts[row] = self.tok_decode(new_tokens[row])
+                done[row] = token == self.eot_token_id or any(stop and stop in texts[row] for stop in untils[row])
+            if all(done):
                 break
-        for stop in until:
-            if stop:
-                text = text.split(stop)[0]
-        return text
+        for row, until in enumerate(untils):
+            for stop in until:
+                if stop:
+                    texts[row] = texts[row].split(stop)[0]
+        return texts
 
 
 def slot_buckets(tokens: int) -> tuple[int, ...]:

@@ -76,10 +76,14 @@ def rope_tables(inv_freq: jax.Array, positions: jax.Array) -> tuple[jax.Array, j
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [B, T, heads, head_dim]; rotates the two halves of head_dim (not interleaved pairs)."""
+    """x: [B, T, heads, head_dim]; rotates the two halves of head_dim (not interleaved pairs).
+
+    cos, sin: [T, head_dim] shared by every row, or [B, T, head_dim] per row."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return x * cos + rotated * sin
 
 
