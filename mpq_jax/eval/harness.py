@@ -18,8 +18,8 @@ Fixed shapes: a batch of requests is right-padded to one of a few bucket lengths
 at most `batch_tokens` tokens in all), so jit compiles each block once per bucket rather
 than once per request. Right padding cannot change a causal model's scores at the real
 positions; padded rows and positions are dropped. Generation runs `batch_size` prompts side
-by side with the KV cache of `mpq_jax.infer` (`generate_steps`), prompts padded to a bucket,
-a power-of-two row count and a cache `max_length` long, so it too compiles once per bucket.
+by side with the KV cache of `mpq_jax.infer` (`generate_steps`), prompts and cache padded to
+buckets, so it too compiles once per bucket (and once more for a short last batch).
 
 Quantized block linears are dequantized once when no Pallas kernel serves the backend (CPU),
 as perplexity does; on GPU/TPU every forward runs the kernels.
@@ -272,6 +272,7 @@ class MpqJaxLM(TemplateLM):
                 top_k=int(kwargs.get("top_k") or 0),
                 top_p=float(kwargs.get("top_p") or 1.0),
             )
+        longest = max(len(prompt) for prompt in prompts)
         new_tokens: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
         done = [False] * len(prompts)
@@ -282,9 +283,9 @@ class MpqJaxLM(TemplateLM):
             int(kwargs["max_gen_toks"]),
             sampling=sampling,
             seed=int(kwargs.get("seed") or 0),
-            rows=min(self.batch_size, 1 << (len(prompts) - 1).bit_length()),  # a few fixed row counts
-            prompt_len=padded_length(max(len(p) for p in prompts), self.buckets),
-            cache_len=self._max_length,
+            prompt_len=padded_length(longest, self.buckets),
+            # Every decode step reads the whole cache: as long as this batch needs, in buckets.
+            cache_len=padded_length(longest + int(kwargs["max_gen_toks"]), self.buckets),
         )
         for tokens in steps:
             for row, token in enumerate(tokens.tolist()):
