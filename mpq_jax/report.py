@@ -78,6 +78,13 @@ def _number(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _missing(row: dict) -> str:
+    """Why a capability dimension has no score: no local task exists, or none was run."""
+    from mpq_jax.eval.downstream import CAPABILITIES
+
+    return "not run" if CAPABILITIES.get(row["dimension"]) else "no local task"
+
+
 def evaluation_markdown(evaluation: dict) -> list[str]:
     """The evaluation sections: perplexity per set, capability dimensions, tasks; FP beside
     the model with the retained fraction (quantized / FP) or the perplexity ratio."""
@@ -98,7 +105,7 @@ def evaluation_markdown(evaluation: dict) -> list[str]:
             "|---|---|---:|---:|---:|",
         ]
         lines += [
-            f"| {row['dimension']} | {', '.join(row['tasks']) or 'no local task'} | {_number(row['fp'])} "
+            f"| {row['dimension']} | {', '.join(row['tasks']) or _missing(row)} | {_number(row['fp'])} "
             f"| {_number(row['quantized'])} | {_number(row['retained'], 3)} |"
             for row in evaluation["capabilities"]
         ]
@@ -124,7 +131,7 @@ def plot_capabilities(rows: list[dict], path: Path, title: str) -> None:
     values = [row["retained"] or 0.0 for row in rows]
     bars = ax.bar(range(len(rows)), values, color="tab:blue")
     for bar, row in zip(bars, rows):
-        label = f"{row['retained']:.2f}" if row["retained"] is not None else ("no local task" if not row["tasks"] else "n/a")
+        label = f"{row['retained']:.2f}" if row["retained"] is not None else (_missing(row) if not row["tasks"] else "n/a")
         ax.text(bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0.02) + 0.02, label, ha="center", fontsize=8)
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
