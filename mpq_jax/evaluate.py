@@ -55,7 +55,7 @@ def run(model_path: Path, config_path: Path, output: Path | None, fp_model: str 
             raise ConfigError(f"the FP model {source} (named by {model_path}) is not there; give --fp-model SOURCE or --no-fp")
         fp_model_loaded = load_model(source, dtype=config.dtype)
         fp = fp_baseline(fp_model_loaded, config.eval, model_identity(fp_model_loaded.source, config.dtype))
-    report = {"model": str(model_path), "config": str(config_path), "eval": {"quantized": evaluation, "fp": fp, **compare(evaluation, fp)}}
+    report = {"model": str(model_path), "config": str(config_path), "eval": compare(evaluation, fp)}
     folder = output or (model_path.parent if (model_path / MANIFEST_FILE).is_file() else Path("runs") / f"eval-{model_path.stem}")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "eval_report.json", json.dumps(report, indent=2, default=str) + "\n")

@@ -139,7 +139,6 @@ def generate_steps(
     *,
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
-    rows: int | None = None,
     prompt_len: int | None = None,
     cache_len: int | None = None,
 ) -> Iterator[np.ndarray]:
@@ -148,7 +147,6 @@ def generate_steps(
     Prompts are right-padded to `prompt_len` (default: the longest, rounded up to a multiple
     of PROMPT_BUCKET) and each row then decodes at its own position, so prompts of different
     lengths share every forward pass (one read of the weights per step for the whole batch).
-    `rows` pads the batch with copies of the first prompt up to a fixed row count, and
     `cache_len` (default: padded prompt + max_new_tokens) fixes the cache: callers that
     generate for many prompts pass a few fixed values, so that the prefill and the decode
     step compile once per bucket. The caller stops early by closing the generator (EOS, stop
@@ -162,25 +160,22 @@ def generate_steps(
     longest = max(prompt.size for prompt in prompts)
     bucket = prompt_len or -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     max_len = cache_len or bucket + max_new_tokens
-    count = rows or len(prompts)
-    if bucket < longest or max_len < max(bucket, longest + max_new_tokens) or count < len(prompts):
+    if bucket < longest or max_len < max(bucket, longest + max_new_tokens):
         raise ValueError(
-            f"generate: prompt_len={bucket} / cache_len={max_len} / rows={count} too small for "
-            f"{len(prompts)} prompts of up to {longest} tokens and {max_new_tokens} new tokens"
+            f"generate: prompt_len={bucket} / cache_len={max_len} too small for "
+            f"prompts of up to {longest} tokens and {max_new_tokens} new tokens"
         )
-    padded = np.zeros((count, bucket), np.int32)
-    lengths = np.full(count, prompts[0].size, np.int32)
-    for row in range(count):
-        prompt = prompts[row] if row < len(prompts) else prompts[0]
+    padded = np.zeros((len(prompts), bucket), np.int32)
+    for row, prompt in enumerate(prompts):
         padded[row, : prompt.size] = prompt
-        lengths[row] = prompt.size
-    cache = init_cache(spec, count, max_len, params["embed_tokens"]["weight"].dtype)
+    lengths = np.asarray([prompt.size for prompt in prompts], np.int32)
+    cache = init_cache(spec, len(prompts), max_len, params["embed_tokens"]["weight"].dtype)
     key = jax.random.PRNGKey(seed)
     logits, cache = model_step(params, spec, jnp.asarray(padded), cache, jnp.int32(0), jnp.asarray(lengths - 1))
     for step in range(max_new_tokens):
         key, subkey = jax.random.split(key)
         tokens = choose_token(logits, sampling, subkey)
-        yield np.asarray(tokens[: len(prompts)])
+        yield np.asarray(tokens)
         if step == max_new_tokens - 1:
             return
         # The token just chosen sits at each row's next position: prompt length + step.

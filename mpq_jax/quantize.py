@@ -192,7 +192,7 @@ def evaluation_report(params: dict, model: LoadedModel, config: RunConfig) -> di
     fp = None
     if config.eval.compare_fp and config.quantization.method != "none" and (evaluation["perplexity"] or evaluation["tasks"]):
         fp = fp_baseline(model, config.eval, model_identity(model.source, config.dtype))
-    entries: dict = {"eval": {"quantized": evaluation, "fp": fp, **compare(evaluation, fp)}}
+    entries: dict = {"eval": compare(evaluation, fp)}
     if "wikitext2" in evaluation["perplexity"]:
         entries["perplexity"] = evaluation["perplexity"]["wikitext2"]
     return entries

@@ -38,6 +38,7 @@ from pathlib import Path
 from mpq_jax.config import RunConfig, parse_section
 from mpq_jax.eval.downstream import CAPABILITIES, capability_table, run_tasks, task_manager, task_table
 from mpq_jax.eval.harness import MpqJaxLM
+from mpq_jax.eval.torch_reference import lm_eval_hf_model
 from mpq_jax.models.checkpoint import DEFAULT_MODEL, LoadedModel, load_model
 from mpq_jax.output import atomic_write_text
 from mpq_jax.quant.model import average_bits_per_weight, linear_stats
@@ -77,14 +78,10 @@ def _timed_tasks(lm, manager, limit: int, gsm8k_limit: int) -> tuple[dict, dict]
 def speed_comparison(model: LoadedModel, manager, limit: int, gsm8k_limit: int) -> dict:
     """Seconds of our harness model (cold: with XLA compilation; warm: the same evaluation
     again in this process) and of lm-eval's `hf` model on the same FP evaluation."""
-    from lm_eval.models.huggingface import HFLM
-
     ours_lm = MpqJaxLM(model=model)
     ours, cold = _timed_tasks(ours_lm, manager, limit, gsm8k_limit)
     _, warm = _timed_tasks(ours_lm, manager, limit, gsm8k_limit)
-    source = Path(model.source)
-    where = {"pretrained": str(source.parent), "gguf_file": source.name} if source.suffix == ".gguf" else {"pretrained": str(source)}
-    hf_lm = HFLM(**where, dtype="float32", batch_size=16, device="cpu")
+    hf_lm = lm_eval_hf_model(model.source)
     theirs, hf = _timed_tasks(hf_lm, manager, limit, gsm8k_limit)
     return {
         "mpq_jax_cold_seconds": cold,

@@ -88,6 +88,6 @@ def test_prompts_of_different_lengths_generate_side_by_side_as_alone(family, loa
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, model.spec.vocab_size, n)) for n in (5, 17, 2)]
     alone = [list(generate(model.params, model.spec, prompt, 6)) for prompt in prompts]
-    steps = list(generate_steps(model.params, model.spec, prompts, 6, rows=4, prompt_len=32, cache_len=48))
+    steps = list(generate_steps(model.params, model.spec, prompts, 6, prompt_len=32, cache_len=48))
     side_by_side = np.stack(steps, axis=1)  # [prompts, steps]
     assert side_by_side.tolist() == alone

@@ -18,6 +18,7 @@ Not for: the lm-eval model itself (`mpq_jax.eval.harness`) or perplexity.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -62,10 +63,14 @@ def default_include_path() -> Path:
 
 
 def task_manager(include_path: str | Path | None = None):
-    """lm-eval's TaskManager over the local task folder only."""
+    """lm-eval's TaskManager over the local task folder only (indexed once per folder)."""
+    return _task_manager(Path(include_path) if include_path else default_include_path())
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(path: Path):
     from lm_eval.tasks import TaskManager
 
-    path = Path(include_path) if include_path else default_include_path()
     if not path.is_dir():
         raise ConfigError(f"eval.tasks.include_path: {path} is not a folder of lm-eval task YAMLs")
     # Local loaders only: no dataset may come from a hub.

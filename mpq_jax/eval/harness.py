@@ -417,7 +417,7 @@ def score_sequences(
             row_scores[index] = (log_probs[first_slot:end], greedy[first_slot:end])
             first_slot = end
         position += len(batch)
-        bar.update(sum(len(rows[i].positions) for i in batch))
+        bar.update(used)
     bar.close()
     results = []
     for index, first, count in owners:

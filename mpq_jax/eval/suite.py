@@ -98,7 +98,8 @@ def fp_baseline(model: LoadedModel, config: EvalConfig, model_identity: dict) ->
 
 
 def compare(quantized: dict, fp: dict | None) -> dict:
-    """Side-by-side tables for the report: per task, per dimension, per perplexity set."""
+    """The report's `eval` entry: both evaluations and side-by-side tables per perplexity set,
+    per task and per capability dimension."""
     fp_tasks = fp["tasks"] if fp else None
     perplexity_rows = []
     for name, outcome in quantized["perplexity"].items():
@@ -107,6 +108,8 @@ def compare(quantized: dict, fp: dict | None) -> dict:
             {"set": name, "fp": fp_ppl, "quantized": outcome["ppl"], "ratio": outcome["ppl"] / fp_ppl if fp_ppl else None}
         )
     return {
+        "quantized": quantized,
+        "fp": fp,
         "perplexity": perplexity_rows,
         "tasks": task_table(quantized["tasks"], fp_tasks),
         "capabilities": capability_table(quantized["tasks"], fp_tasks) if quantized["tasks"] else [],

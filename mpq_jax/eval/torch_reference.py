@@ -38,6 +38,17 @@ def load_torch_model(path: str | Path):
     return model.eval()
 
 
+def lm_eval_hf_model(path: str | Path, batch_size: int = 16):
+    """lm-eval's own `hf` model (transformers, float32, CPU) on a HF directory or a .gguf file:
+    the reference our lm-eval model is compared with."""
+    _torch()
+    from lm_eval.models.huggingface import HFLM
+
+    path = Path(path)
+    where = {"pretrained": str(path)} if path.is_dir() else {"pretrained": str(path.parent), "gguf_file": path.name}
+    return HFLM(**where, dtype="float32", batch_size=batch_size, device="cpu")
+
+
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
     """tokens: [B, T] -> float32 logits [B, T, V]."""
     torch = _torch()

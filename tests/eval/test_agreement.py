@@ -6,8 +6,6 @@ two different 30-layer programs alone reaches that) and every accuracy must matc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("lm_eval")
@@ -30,14 +28,11 @@ SLOW_TASKS = [
 
 @pytest.fixture(scope="module")
 def harness_pair(default_model, shared_dir):
-    from lm_eval.models.huggingface import HFLM
-
     from mpq_jax.eval.downstream import task_manager
     from mpq_jax.eval.harness import MpqJaxLM
+    from mpq_jax.eval.torch_reference import lm_eval_hf_model
 
-    gguf = Path(default_model.source)
-    hf = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", batch_size=16, device="cpu")
-    return MpqJaxLM(model=default_model, progress=False), hf, task_manager()
+    return MpqJaxLM(model=default_model, progress=False), lm_eval_hf_model(default_model.source), task_manager()
 
 
 def _evaluate_both(harness_pair, tasks, limit):
