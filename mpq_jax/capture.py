@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from mpq_jax.errors import CheckpointError
 from mpq_jax.models.decoder import LINEAR_INPUTS, block_forward, decoder_block, rope_inverse_frequencies, rope_tables
 from mpq_jax.models.spec import ModelSpec
 from mpq_jax.packed.io import MANIFEST_FILE, load_quantized, save_quantized
@@ -93,7 +95,18 @@ def block_statistics(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_siz
                 sums[name] = (jnp.zeros((d, d), jnp.float32), jnp.zeros(d, jnp.float32), jnp.zeros(d, jnp.float32))
             sums[name] = _add_moments(sums[name], x)
     tokens = hidden.shape[0] * hidden.shape[1]
-    return {name: InputStats(*(np.asarray(a) / tokens for a in sums[name])) for name in LINEAR_INPUTS}
+    return {name: _mean_stats(*sums[name], tokens) for name in LINEAR_INPUTS}
+
+
+def _mean_stats(gram, total, total_abs, tokens: int) -> InputStats:
+    """InputStats from the summed moments, with H symmetric by construction.
+
+    XᵀX from a GEMM is symmetric only up to the summation order, which differs between CPUs
+    and thread counts; GPTQ's Cholesky and the saliency of eq. 4 assume H = Hᵀ, so the two
+    triangles are averaged: (G + Gᵀ) / 2 is exactly symmetric because float addition commutes.
+    """
+    gram = np.asarray(gram)
+    return InputStats((gram + gram.T) / (2 * tokens), np.asarray(total) / tokens, np.asarray(total_abs) / tokens)
 
 
 def block_outputs(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -248,7 +261,19 @@ def _resume(resume_dir: str | Path | None, fingerprint: str) -> tuple[list | Non
     """(finished layers, hidden states, block notes) from a matching checkpoint, else (None, None, {})."""
     if resume_dir is None or not (Path(resume_dir) / MANIFEST_FILE).is_file():
         return None, None, {}
-    state, metadata = load_quantized(resume_dir)
+    try:
+        state, metadata = load_quantized(resume_dir)
+    except CheckpointError as err:
+        # The folder is this run's scratch state: a broken one (disk trouble, a partial copy)
+        # must not block every restart. Kept aside rather than deleted, for a look at what broke.
+        aside = Path(resume_dir).with_name(f"{Path(resume_dir).name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            Path(resume_dir).rename(aside)
+            where = f"moved it to {aside}"
+        except OSError as move_err:
+            where = f"could not move it aside ({move_err}); it will be overwritten"
+        log.warning("resume checkpoint %s cannot be read (%s); %s and starting over", resume_dir, err, where)
+        return None, None, {}
     if metadata.get("fingerprint") != fingerprint:
         log.warning("%s holds a run with other settings; starting over", resume_dir)
         return None, None, {}

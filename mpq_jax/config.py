@@ -71,7 +71,8 @@ class PerplexityConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TasksConfig:
     # lm-eval task names or tags from include_path (local_tasks = the nine zero-shot
-    # multiple-choice tasks, local_tasks_extra = LAMBADA and GSM8K); empty = no downstream tasks
+    # multiple-choice tasks, local_tasks_extra = LAMBADA, GSM8K, NQ-open, SQuAD, MathQA;
+    # local_code = MBPP, see allow_code_execution); empty = no downstream tasks
     names: tuple[str, ...] = ()
     limit: int = 0  # first N documents of each task (0 = all)
     limits: dict[str, int] | None = None  # per-task limit overriding `limit`, e.g. {local_gsm8k: 20}
@@ -80,6 +81,7 @@ class TasksConfig:
     batch_size: int = 16  # requests per forward pass (fewer for long ones, see batch_tokens)
     batch_tokens: int = 8192  # padded tokens per forward pass at most
     max_length: int = 2048  # context of the lm-eval model (left-truncated beyond it)
+    allow_code_execution: bool = False  # run tasks that execute model-written code (local_mbpp); not sandboxed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -224,6 +226,13 @@ def load_config(path: str | Path) -> RunConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        # Most likely a file saved empty by mistake; a silent full default job (all of
+        # WikiText-2 and the FP baseline into runs/default) would cost tens of minutes.
+        raise ConfigError(
+            f"{path}: the config file is empty; start from one in configs/ (e.g. configs/smollm2-135m-rtn-4bit.yaml), "
+            "or write `{}` to run with every default"
+        )
     try:
         return validate(parse_section(RunConfig, data, ""))
     except ConfigError as exc:

@@ -20,3 +20,7 @@ class CheckpointError(MpqError):
 
 class UnsupportedArchitectureError(MpqError):
     """The model's architecture is not one mpq-jax implements."""
+
+
+class EvaluationError(MpqError):
+    """An evaluation produced no usable number (a non-finite perplexity or score)."""

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from mpq_jax.config import load_config
 from mpq_jax.errors import ConfigError, MpqError
-from mpq_jax.eval.suite import check_inputs, compare, evaluate, fp_baseline
+from mpq_jax.eval.suite import compare, evaluate, fp_baseline
+from mpq_jax.fingerprint import model_identity
 from mpq_jax.models.checkpoint import load_model
 from mpq_jax.output import atomic_write_text
 from mpq_jax.packed.io import MANIFEST_FILE, read_metadata
-from mpq_jax.quantize import model_identity
+from mpq_jax.preflight import check_eval_inputs, check_model, check_output_dir, check_tokenizer, evaluates_text
 from mpq_jax.report import evaluation_markdown, plot_capabilities
 
 log = logging.getLogger("mpq_jax")
@@ -41,23 +42,37 @@ def fp_source(model_path: Path, override: str | None) -> str | None:
     return None
 
 
+def output_folder(model_path: Path, output: Path | None) -> Path:
+    if output is not None:
+        return output
+    return model_path.parent if (model_path / MANIFEST_FILE).is_file() else Path("runs") / f"eval-{model_path.stem}"
+
+
 def run(model_path: Path, config_path: Path, output: Path | None, fp_model: str | None, with_fp: bool) -> dict:
     config = load_config(config_path)
-    check_inputs(config.eval)
-    model = load_model(model_path, dtype=config.dtype)
-    evaluation = evaluate(model.params, model, config.eval, label="model")
-    fp = None
+    # Pre-flight: every input and the output folder, before any model is loaded.
+    folder = output_folder(model_path, output)
+    check_output_dir(folder, "--output")
+    checked = check_model(str(model_path), "--model")
+    if evaluates_text(config):
+        check_tokenizer(checked, "evaluation (eval.perplexity / eval.tasks)")
+    check_eval_inputs(config)
+    fp_checked = None
     if with_fp:
-        source = fp_source(model_path, fp_model)
+        source = fp_source(checked.path, fp_model)
         if source is None:
             raise ConfigError(f"--model {model_path}: not a packed mpq-jax folder, so give --fp-model SOURCE or --no-fp")
-        if not Path(source).exists():
-            raise ConfigError(f"the FP model {source} (named by {model_path}) is not there; give --fp-model SOURCE or --no-fp")
-        fp_model_loaded = load_model(source, dtype=config.dtype)
-        fp = fp_baseline(fp_model_loaded, config.eval, model_identity(fp_model_loaded.source, config.dtype))
+        try:
+            fp_checked = check_model(source, "--fp-model" if fp_model else f"the FP model named by {model_path}")
+        except MpqError as exc:
+            raise ConfigError(f"{exc}; give --fp-model SOURCE or --no-fp") from None
+    model = load_model(checked.path, dtype=config.dtype)
+    evaluation = evaluate(model.params, model, config.eval, label="model")
+    fp = None
+    if fp_checked is not None:
+        fp_model_loaded = load_model(fp_checked.path, dtype=config.dtype)
+        fp = fp_baseline(fp_model_loaded, config.eval, model_identity(fp_checked.path, config.dtype))
     report = {"model": str(model_path), "config": str(config_path), "eval": compare(evaluation, fp)}
-    folder = output or (model_path.parent if (model_path / MANIFEST_FILE).is_file() else Path("runs") / f"eval-{model_path.stem}")
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "eval_report.json", json.dumps(report, indent=2, default=str) + "\n")
     markdown = ["# mpq-jax evaluation", "", f"- model: `{model_path}`", f"- config: `{config_path}`"]
     atomic_write_text(folder / "eval_report.md", "\n".join(markdown + evaluation_markdown(report["eval"])) + "\n")

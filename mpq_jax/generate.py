@@ -12,13 +12,15 @@ the packed weights are dequantized once when loaded; on GPU/TPU every step runs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 
 from mpq_jax.errors import ConfigError, MpqError
 from mpq_jax.infer import SamplingConfig, generate
-from mpq_jax.models.checkpoint import load_model
+from mpq_jax.models.checkpoint import load_model, load_tokenizer
+from mpq_jax.preflight import check_model, check_tokenizer
 from mpq_jax.quant.model import dequantized_params
 from pallas_kernels.dispatch import kernel_backend
 
@@ -54,13 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
+        # Everything checkable without the weights first: loading takes tens of seconds.
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise ConfigError("--max-new-tokens must be >= 1")
-        model = load_model(args.model)
-        if model.tokenizer is None:
-            raise ConfigError(f"{model.source} has no tokenizer; generate needs one to read the prompt")
-        ids = prompt_ids(model.tokenizer, args.prompt, args.chat)
+        if not args.prompt.strip() and not args.chat:
+            raise ConfigError("--prompt is empty; give the text to continue (or --chat to answer an empty turn)")
+        checked = check_model(args.model, "--model")
+        check_tokenizer(checked, "generate (to read the prompt)")
+        tokenizer = load_tokenizer(checked.path)
+        ids = prompt_ids(tokenizer, args.prompt, args.chat)
+        if not ids:
+            raise ConfigError(f"--prompt {args.prompt!r} gives no tokens; give some text")
+        model = dataclasses.replace(load_model(checked.path, with_tokenizer=False), tokenizer=tokenizer)
     except (MpqError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

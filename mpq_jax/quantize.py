@@ -1,10 +1,13 @@
 """Command line entry: `python -m mpq_jax.quantize --config configs/X.yaml [--output DIR]`.
 
-Runs the stages of a quantization job in order: load the checkpoint, quantize the block
-linears (method `none`, `rtn`, `gptq` on calibration text, or `amlq`), evaluate (perplexity
-sets and lm-eval tasks, beside the FP baseline; `mpq_jax.eval.suite`), save the packed model,
-and write `report.json`, `report.md` and the plots into the output folder. This is
-the only place where the stages meet; each stage is a function in its own module.
+Runs the stages of a quantization job in order: pre-flight checks (`mpq_jax.preflight`:
+output folder, model, tokenizer, calibration and evaluation inputs, budgets, all before any
+weights are read), load the tokenizer and the calibration tokens, then the checkpoint,
+quantize the block linears (method `none`, `rtn`, `gptq` on calibration text, or `amlq`),
+save the packed model, evaluate (perplexity sets and lm-eval tasks, beside the FP baseline;
+`mpq_jax.eval.suite`), and write `report.json`, `report.md` and the plots into the output
+folder. This is the only place where the stages meet; each stage is a function in its own
+module. Caches and resume checkpoints are keyed by `mpq_jax.fingerprint`.
 
 Not for: the methods themselves (mpq_jax.quant) or benchmarks (scripts/).
 """
@@ -13,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import shutil
 import sys
@@ -24,14 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from mpq_jax.config import RunConfig, config_to_dict, load_config
-from mpq_jax.errors import ConfigError, MpqError
-from mpq_jax.eval.suite import check_inputs, compare, evaluate, fp_baseline
 from mpq_jax.capture import HessianCache
 from mpq_jax.data.calibration import calibration_tokens, sources_from_config
 from mpq_jax.data.paths import cache_dir
-from mpq_jax.models.checkpoint import LoadedModel, load_model
+from mpq_jax.errors import MpqError
+from mpq_jax.eval.suite import compare, evaluate, fp_baseline
+from mpq_jax.fingerprint import calibration_fingerprint, model_identity, run_fingerprint
+from mpq_jax.models.checkpoint import LoadedModel, load_model, load_tokenizer
 from mpq_jax.models.spec import spec_to_dict
 from mpq_jax.packed.io import save_quantized
+from mpq_jax.preflight import CALIBRATED_METHODS, CheckedModel, check_run
 from mpq_jax.quant.amlq import DEFAULT_LOWRANK_BPW, presets_from_config
 from mpq_jax.quant.amlq_model import allocate_model, build_model, measure_model
 from mpq_jax.quant.awq import DEFAULT_ALPHA_GRID
@@ -41,51 +44,23 @@ from mpq_jax.report import write_report
 log = logging.getLogger("mpq_jax")
 
 
-def _fingerprint(identity: dict, calibration: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    for name in sorted(calibration):
-        digest.update(name.encode() + np.ascontiguousarray(calibration[name]).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def model_identity(model_source: str, dtype: str) -> dict:
-    path = Path(model_source)
-    stat = path.stat() if path.is_file() else None
-    return {"model": model_source, "model_file": [stat.st_size, int(stat.st_mtime)] if stat else None, "dtype": dtype}
-
-
-def calibration_fingerprint(model_source: str, dtype: str, calibration: dict[str, np.ndarray]) -> str:
-    """Identity of (model, calibration tokens): what the unquantized model's Hessians depend on."""
-    return _fingerprint(model_identity(model_source, dtype), calibration)
-
-
-def run_fingerprint(model_source: str, config: RunConfig, calibration: dict[str, np.ndarray]) -> str:
-    """Identity of a quantization run: model, quantization and calibration settings, tokens."""
-    identity = {
-        **model_identity(model_source, config.dtype),
-        "quantization": dataclasses.asdict(config.quantization),
-        "calibration": dataclasses.asdict(config.calibration),
-    }
-    return _fingerprint(identity, calibration)
-
-
-def _calibration(model: LoadedModel, config: RunConfig) -> dict[str, np.ndarray]:
-    if model.tokenizer is None:
-        raise ConfigError(f"calibration: {model.source} has no tokenizer to read calibration text with")
+def calibration_for(tokenizer, config: RunConfig) -> dict[str, np.ndarray] | None:
+    """The calibration windows per source for a method that reads them, else None."""
+    if config.quantization.method not in CALIBRATED_METHODS:
+        return None
     cal = config.calibration
-    return calibration_tokens(model.tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
+    return calibration_tokens(tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
 
 
-def _statistics_cache(model: LoadedModel, config: RunConfig, calibration: dict[str, np.ndarray]) -> HessianCache:
+def _statistics_cache(identity: dict, calibration: dict[str, np.ndarray]) -> HessianCache:
     """The disk cache of the unquantized model's input statistics for this calibration."""
-    return HessianCache(cache_dir() / "hessians", calibration_fingerprint(model.source, config.dtype, calibration))
+    return HessianCache(cache_dir() / "hessians", calibration_fingerprint(identity, calibration))
 
 
-def quantize_amlq(model: LoadedModel, config: RunConfig) -> tuple[dict, dict[str, dict]]:
+def quantize_amlq(model: LoadedModel, config: RunConfig, calibration: dict, identity: dict) -> tuple[dict, dict[str, dict]]:
     """AMLQ (or AMQ with lowrank: false): measure every candidate, allocate, build."""
     a = config.quantization.amlq
-    calibration = _calibration(model, config)
-    cache = _statistics_cache(model, config, calibration)
+    cache = _statistics_cache(identity, calibration)
     measurement = measure_model(
         model.params,
         model.spec,
@@ -104,22 +79,27 @@ def quantize_amlq(model: LoadedModel, config: RunConfig) -> tuple[dict, dict[str
     return params, {row["name"]: {f"amlq_{k}": v for k, v in row.items() if k not in ("name", "shape", "bits_per_weight")} for row in rows}
 
 
-def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> tuple[dict, dict[str, dict]]:
+def quantize_params(
+    model: LoadedModel, config: RunConfig, output_dir: Path, calibration: dict | None, identity: dict
+) -> tuple[dict, dict[str, dict]]:
     """The quantization stage: params -> params with QuantizedLinear block linears, and
-    per-layer notes for the report where the method has them (GPTQ loss; AMLQ choices)."""
+    per-layer notes for the report where the method has them (GPTQ loss; AMLQ choices).
+
+    `calibration` holds the calibration tokens of methods that need them; `identity` is the
+    model's content fingerprint (`mpq_jax.fingerprint.model_identity`), which keys the
+    statistics cache and the resume checkpoints."""
     q = config.quantization
     if q.method == "none":
         return model.params, {}
     if q.method == "rtn":
         return quantize_model_rtn(model.params, q.bits, q.group_size, q.symmetric), {}
     if q.method == "amlq":
-        return quantize_amlq(model, config)
+        return quantize_amlq(model, config, calibration, identity)
     if q.method == "gptq":
-        calibration = _calibration(model, config)
         resume_dir = output_dir / ".resume"
         # Unquantized-model Hessians do not depend on the quantization settings: share them.
         propagate_fp = q.propagate == "fp"
-        cache = _statistics_cache(model, config, calibration) if propagate_fp else None
+        cache = _statistics_cache(identity, calibration) if propagate_fp else None
         params, losses = quantize_model_gptq(
             model.params,
             model.spec,
@@ -132,7 +112,7 @@ def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> 
             percdamp=q.percdamp,
             propagate_quantized=not propagate_fp,
             resume_dir=resume_dir,
-            fingerprint=run_fingerprint(model.source, config, calibration),
+            fingerprint=run_fingerprint(identity, config.quantization, config.calibration, calibration),
             hessian_cache=cache,
         )
         shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the block checkpoints are spent
@@ -140,18 +120,29 @@ def quantize_params(model: LoadedModel, config: RunConfig, output_dir: Path) -> 
     raise AssertionError(f"config validation let through method {q.method!r}")
 
 
+def load_inputs(config: RunConfig, checked: CheckedModel) -> tuple[LoadedModel, dict | None, dict]:
+    """(model, calibration tokens or None, model identity), the calibration text tokenized
+    before the weights are read, so that a source too short for n_samples x seq_len fails
+    in seconds rather than after loading."""
+    tokenizer = load_tokenizer(checked.path)
+    calibration = calibration_for(tokenizer, config)
+    identity = model_identity(checked.path, config.dtype)
+    model = load_model(checked.path, dtype=config.dtype, with_tokenizer=False)
+    return dataclasses.replace(model, tokenizer=tokenizer), calibration, identity
+
+
 def run(config: RunConfig, output_dir: Path) -> dict:
     """Run every stage; returns the report dict (also written to output_dir)."""
     timings: dict[str, float] = {}
-    # Find the evaluation text and tasks before spending minutes on loading and quantizing.
-    check_inputs(config.eval)
+    # Everything that can be checked in seconds, before minutes go into loading and quantizing.
+    checked = check_run(config, output_dir)
     start = time.perf_counter()
-    model = load_model(config.model, dtype=config.dtype)
+    model, calibration, identity = load_inputs(config, checked)
     timings["load"] = time.perf_counter() - start
     log.info("loaded %s: %s, %d layers", model.source, model.spec.family, model.spec.num_layers)
 
     start = time.perf_counter()
-    params, notes = quantize_params(model, config, output_dir)
+    params, notes = quantize_params(model, config, output_dir, calibration, identity)
     timings["quantize"] = time.perf_counter() - start
     stats = linear_stats(model.params, params)
     report: dict = {
@@ -162,36 +153,51 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         "layers": [{**s.to_json(), **notes.get(s.name, {})} for s in stats],
     }
 
-    start = time.perf_counter()
-    report.update(evaluation_report(params, model, config))
-    timings["evaluate"] = time.perf_counter() - start
-
+    # Saved before evaluating: an evaluation that fails does not take the quantized model with it.
+    packed_dir = output_dir / "model"
     if config.save_model:
         start = time.perf_counter()
-        metadata = {
-            "spec": spec_to_dict(model.spec),
-            "hf_config": model.hf_config,
-            "source": model.source,
-            "run_config": config_to_dict(config),
-        }
-        # The tokenizer travels with the packed model so that it loads on its own.
-        save_tokenizer = None if model.tokenizer is None else (lambda folder: model.tokenizer.save_pretrained(str(folder)))
-        save_quantized(output_dir / "model", params, metadata, extra_files=save_tokenizer)
+        save_packed_model(packed_dir, params, model, config)
         timings["save"] = time.perf_counter() - start
-        report["packed_model"] = str(output_dir / "model")
+        report["packed_model"] = str(packed_dir)
+    elif packed_dir.is_dir():
+        # A report must never sit beside a model that another run wrote.
+        log.info("save_model is false: removing the earlier run's %s", packed_dir)
+        shutil.rmtree(packed_dir)
+
+    start = time.perf_counter()
+    try:
+        report.update(evaluation_report(params, model, config, identity))
+    except MpqError as exc:
+        if config.save_model:
+            raise type(exc)(f"{exc} (the quantized model is saved in {packed_dir})") from None
+        raise
+    timings["evaluate"] = time.perf_counter() - start
     report["seconds"] = timings
     write_report(output_dir, report)
     return report
 
 
-def evaluation_report(params: dict, model: LoadedModel, config: RunConfig) -> dict:
+def save_packed_model(folder: Path, params: dict, model: LoadedModel, config: RunConfig) -> None:
+    metadata = {
+        "spec": spec_to_dict(model.spec),
+        "hf_config": model.hf_config,
+        "source": model.source,
+        "run_config": config_to_dict(config),
+    }
+    # The tokenizer travels with the packed model so that it loads on its own.
+    save_tokenizer = None if model.tokenizer is None else (lambda tmp: model.tokenizer.save_pretrained(str(tmp)))
+    save_quantized(folder, params, metadata, extra_files=save_tokenizer)
+
+
+def evaluation_report(params: dict, model: LoadedModel, config: RunConfig, identity: dict) -> dict:
     """The report's evaluation entries: `perplexity` (WikiText-2, when scored) and `eval`
     (every perplexity set and task, for this model and, unless it is the unquantized model
     itself or compare_fp is off, for the FP baseline, side by side)."""
     evaluation = evaluate(params, model, config.eval, label=config.quantization.method)
     fp = None
     if config.eval.compare_fp and config.quantization.method != "none" and (evaluation["perplexity"] or evaluation["tasks"]):
-        fp = fp_baseline(model, config.eval, model_identity(model.source, config.dtype))
+        fp = fp_baseline(model, config.eval, identity)
     entries: dict = {"eval": compare(evaluation, fp)}
     if "wikitext2" in evaluation["perplexity"]:
         entries["perplexity"] = evaluation["perplexity"]["wikitext2"]

@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from mpq_jax.output import atomic_write_text
+from mpq_jax.output import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,15 @@ def plot_layer_error(report: dict, path: Path) -> None:
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure atomically (temp name, then rename) and close it."""
+    """Write a matplotlib figure atomically (see mpq_jax.output.atomic_path) and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            # The temp name ends in .tmp, so the format comes from the target's suffix.
+            fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or None)
+    finally:
+        plt.close(fig)
 
 
 def plot_amlq(layers: list[dict], folder: Path) -> None:

@@ -53,7 +53,7 @@ from mpq_jax.quant.model import (
     quantize_model_rtn,
     replace_block_linears,
 )
-from mpq_jax.quantize import calibration_fingerprint
+from mpq_jax.fingerprint import calibration_fingerprint, model_identity
 
 # (method, bits, group_size); bits/group of the FP row describe the model as loaded.
 ROWS = (
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if "gptq" in methods:
         sources = default_sources(args.calib_sources.split(","))
         calibration = calibration_tokens(model.tokenizer, sources, args.calib_samples, args.calib_seq_len)
-        cache = HessianCache(cache_dir() / "hessians", calibration_fingerprint(model.source, "float32", calibration))
+        cache = HessianCache(cache_dir() / "hessians", calibration_fingerprint(model_identity(model.source, "float32"), calibration))
         print(f"calibration: {args.calib_sources}, {args.calib_samples} x {args.calib_seq_len} tokens per source")
     rows = []
     header = f"{'method':<8}{'bits':>5}{'group':>7}{'bpw':>8}{'ppl':>14}{'quant_s':>9}{'total_s':>9}"

@@ -4,6 +4,8 @@ i+1 sees the outputs of the (quantized) block i."""
 
 from __future__ import annotations
 
+import logging
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from mpq_jax.capture import (
     sequential_quantize,
 )
 from mpq_jax.models.decoder import LINEAR_INPUT_OF, LINEAR_INPUTS, block_forward, linear, rms_norm
+from mpq_jax.packed.io import TENSORS_FILE
 from mpq_jax.quant.model import quantize_model_rtn
 
 
@@ -57,7 +60,25 @@ def test_statistics_match_float64_reference_and_ignore_batching(tiny):
             scale = np.abs(reference).max()
             assert np.abs(getattr(got[name], field) - reference).max() <= 1e-5 * scale, field
             assert np.abs(getattr(again[name], field) - getattr(got[name], field)).max() <= 1e-5 * scale, field
-        np.testing.assert_allclose(got[name].hessian, got[name].hessian.T)
+        np.testing.assert_array_equal(got[name].hessian, got[name].hessian.T)  # symmetric by construction
+
+
+def test_hessian_is_exactly_symmetric_when_the_gemm_is_not(tiny, monkeypatch):
+    """Another CPU's GEMM sums XᵀX in another order, so its two triangles differ in the last
+    bits; simulate that with a relative 1e-6 perturbation of one triangle: H must still be
+    exactly symmetric (GPTQ's Cholesky and the saliency assume it)."""
+    import mpq_jax.capture as capture
+
+    exact = capture._add_moments
+
+    def skewed(sums, x):
+        gram, total, total_abs = exact(sums, x)
+        return gram * (1 + 1e-6 * jnp.triu(jnp.ones_like(gram), 1)), total, total_abs
+
+    monkeypatch.setattr(capture, "_add_moments", skewed)
+    hidden = np.asarray(embed_tokens(tiny.params["embed_tokens"]["weight"], jnp.asarray(tokens(tiny, 2, 16, 1))))
+    for name, stats in block_statistics(tiny.params["layers"][0], tiny.spec, hidden).items():
+        np.testing.assert_array_equal(stats.hessian, stats.hessian.T, err_msg=name)
 
 
 def test_pooled_statistics_equal_capturing_all_sources_together(tiny):
@@ -134,6 +155,38 @@ def test_killed_run_resumes_after_last_finished_block(tiny, tmp_path):
     called.clear()
     sequential_quantize(params, spec, calibration, records, resume_dir=tmp_path / "ckpt", fingerprint="other", progress=False)
     assert called == [0, 1]  # other settings: start over
+
+
+def test_corrupt_resume_checkpoint_is_moved_aside_and_the_run_starts_over(tiny, tmp_path, caplog):
+    spec, params = tiny.spec, tiny.params
+    calibration = {"a": tokens(tiny, 2, 12, 7)}
+    rtn = quantize_model_rtn(params, 3, 16)
+    resume_dir = tmp_path / ".resume"
+
+    def dies_at_block_1(index, layer, hessians):
+        if index == 1:
+            raise Interrupted
+        return rtn["layers"][index]
+
+    with pytest.raises(Interrupted):
+        sequential_quantize(params, spec, calibration, dies_at_block_1, resume_dir=resume_dir, fingerprint="f1", progress=False)
+    tensors = resume_dir / TENSORS_FILE
+    raw = bytearray(tensors.read_bytes())
+    raw[-64:] = bytes(64)  # same size, other bytes: what a disk error leaves
+    tensors.write_bytes(bytes(raw))
+    called = []
+
+    def records(index, layer, hessians):
+        called.append(index)
+        return rtn["layers"][index]
+
+    with caplog.at_level(logging.WARNING, logger="mpq_jax.capture"):
+        sequential_quantize(params, spec, calibration, records, resume_dir=resume_dir, fingerprint="f1", progress=False)
+    assert called == [0, 1]  # nothing trusted from the broken checkpoint
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".resume.corrupt-")]
+    assert len(aside) == 1 and (aside[0] / TENSORS_FILE).read_bytes() == bytes(raw)
+    assert str(resume_dir) in caplog.text and str(aside[0]) in caplog.text and "starting over" in caplog.text
+    assert (resume_dir / TENSORS_FILE).is_file()  # the new run checkpointed afresh
 
 
 def test_hessian_cache_serves_fp_propagation_without_forward_passes(tiny, tmp_path, monkeypatch):

@@ -51,6 +51,7 @@ class CalibrationConfig:
     seq_len: int = 512  # tokens per window
     seed: int = 0  # base seed; each source samples with a seed derived from it and its name
     paths: dict[str, str] | None = None  # name -> file or dataset directory, overriding a default
+    text_field: str = "text"  # JSON key (.jsonl) or column (datasets) holding each document, in `paths` sources
 
 
 def default_sources(names: tuple[str, ...] | list[str] = DEFAULT_SOURCE_NAMES) -> list[CalibrationSource]:
@@ -78,7 +79,7 @@ def sources_from_config(cfg: CalibrationConfig) -> list[CalibrationSource]:
             "add it there or remove the path"
         )
     return [
-        CalibrationSource(name=name, path=paths[name]) if name in paths else default_sources((name,))[0]
+        CalibrationSource(name=name, path=paths[name], text_field=cfg.text_field) if name in paths else default_sources((name,))[0]
         for name in cfg.sources
     ]
 
@@ -107,7 +108,10 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path}:{line_number}: not a JSON object ({exc.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
-                raise ConfigError(f"{path}:{line_number}: no field {text_field!r}; set text_field to the key holding the text")
+                raise ConfigError(
+                    f"{path}:{line_number}: no field {text_field!r}; set calibration.text_field to the key holding the text"
+                    + (f" (this record has: {', '.join(map(str, record))})" if isinstance(record, dict) else "")
+                )
             if not isinstance(record[text_field], str):
                 raise ConfigError(f"{path}:{line_number}: field {text_field!r} is {type(record[text_field]).__name__}, not text")
             documents.append(record[text_field])
@@ -126,7 +130,7 @@ def _read_dataset(path: Path, text_field: str) -> list[str]:
             raise ConfigError(f"{path}: dataset has no 'train' split (splits: {', '.join(data)})")
         data = data["train"]
     if text_field not in data.column_names:
-        raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(data.column_names)}); set text_field")
+        raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(data.column_names)}); set calibration.text_field")
     return list(data[text_field])
 
 
@@ -136,10 +140,15 @@ def read_documents(source: CalibrationSource) -> list[str]:
     if not path.exists():
         raise ConfigError(f"calibration source {source.name!r}: {path} not found")
     fmt = _source_format(source, path)
-    if fmt == "jsonl":
-        return _read_jsonl(path, source.text_field)
-    if fmt == "text":
-        return [path.read_text(encoding="utf-8")]
+    try:
+        if fmt == "jsonl":
+            return _read_jsonl(path, source.text_field)
+        if fmt == "text":
+            return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"calibration source {source.name!r}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"calibration source {source.name!r}: cannot read {path} ({exc.strerror or exc})") from None
     return _read_dataset(path, source.text_field)
 
 
@@ -183,10 +192,16 @@ def _token_stream(tokenizer, documents: list[str]) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
+def heldout_path(name: str) -> Path:
+    """The heldout split of default source `name` (scored by perplexity, never calibrated on)."""
+    (source,) = default_sources((name,))
+    return Path(source.path).with_name("heldout.jsonl")
+
+
 def heldout_tokens(tokenizer, name: str) -> np.ndarray:
     """The EOS-joined token stream of default source `name`'s heldout split (for perplexity)."""
     (source,) = default_sources((name,))
-    heldout = dataclasses.replace(source, path=str(Path(source.path).with_name("heldout.jsonl")))
+    heldout = dataclasses.replace(source, path=str(heldout_path(name)))
     return _token_stream(tokenizer, read_documents(heldout))
 
 

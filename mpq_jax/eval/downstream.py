@@ -2,22 +2,30 @@
 
 `run_tasks` evaluates an `MpqJaxLM` on lm-eval tasks read only from a local folder of task
 YAMLs (default: the shared `data/tasks/lm_eval`; lm-eval's built-in, hub-reading tasks are
-not indexed), and returns one headline score per task. `capability_table` and `task_table`
-put a quantized model's scores beside the unquantized model's with the retained fraction
-(quantized / FP), the measure TAMMP reports per dimension.
+not indexed), and returns one headline score per task, as a fraction in 0..1 (SQuAD's
+exact/F1, which lm-eval reports in percent, are divided by 100, so that a dimension's mean
+never mixes scales). `capability_table` and `task_table` put a quantized model's scores
+beside the unquantized model's with the retained fraction (quantized / FP), the measure
+TAMMP reports per dimension.
 
 Dimensions follow TAMMP's evaluation section: commonsense reasoning (PIQA, Social IQa,
 HellaSwag, WinoGrande, ARC-c, ARC-e, OpenBookQA, CommonsenseQA), world knowledge (NQ-Open,
 TriviaQA), reading comprehension (SQuAD, BoolQ), math (GSM8K, MathQA), code (MBPP). Only the
-tasks with a local copy count; LAMBADA, which TAMMP does not use, is placed under reading
-comprehension (predicting a passage's last word needs the whole passage). World knowledge
-and code have no local task and are reported as such.
+tasks with a local copy count: TriviaQA has none, and SQuAD is SQuAD 1.1 dev scored by
+lm-eval's SQuAD 2.0 task. LAMBADA, which TAMMP does not use, is placed under reading
+comprehension (predicting a passage's last word needs the whole passage).
+
+A task that executes model-written code (lm-eval's `unsafe_code`, here MBPP) is refused by
+`resolve_tasks` unless `allow_code_execution` is set (config `eval.tasks.allow_code_execution`);
+with it, `run_tasks` sets `HF_ALLOW_CODE_EVAL=1` for the run and confirms lm-eval's
+unsafe-code prompt.
 
 Not for: the lm-eval model itself (`mpq_jax.eval.harness`) or perplexity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -39,16 +47,24 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
         "local_openbookqa",
         "local_commonsense_qa",
     ),
-    "reading comprehension": ("local_boolq", "local_lambada_openai"),
-    "world knowledge": (),  # TAMMP: NQ-Open, TriviaQA (no local copy)
-    "math": ("local_gsm8k",),  # TAMMP also uses MathQA (no local copy)
-    "code": (),  # TAMMP: MBPP (no local copy)
+    "reading comprehension": ("local_boolq", "local_squad", "local_lambada_openai"),
+    "world knowledge": ("local_nq_open",),  # TAMMP also uses TriviaQA (no local copy)
+    "math": ("local_gsm8k", "local_mathqa"),
+    "code": ("local_mbpp",),
 }
 OTHER = "other"  # tasks outside the five dimensions
 
 # The headline metric of a task, as lm-eval names it; accuracy unless listed.
-TASK_METRIC = {"local_gsm8k": "exact_match,strict-match"}
+TASK_METRIC = {
+    "local_gsm8k": "exact_match,strict-match",
+    "local_nq_open": "exact_match,remove_whitespace",
+    # F1, not exact match: an instruct model answers in sentences, which exact match scores 0
+    "local_squad": "f1,none",
+    "local_mbpp": "pass_at_1,none",
+}
 DEFAULT_METRIC = "acc,none"
+# Tasks whose headline lm-eval reports in percent (0..100); divided by 100 here.
+PERCENT_TASKS = frozenset({"local_squad"})
 
 
 def capability_of(task: str) -> str:
@@ -79,8 +95,9 @@ def _task_manager(path: Path):
     return TaskManager(include_path=str(path), include_defaults=False)
 
 
-def resolve_tasks(manager, names: tuple[str, ...] | list[str]) -> list[str]:
-    """Task names with tags (e.g. `local_tasks`) expanded, in the given order, each once."""
+def resolve_tasks(manager, names: tuple[str, ...] | list[str], allow_code_execution: bool = False) -> list[str]:
+    """Task names with tags (e.g. `local_tasks`) expanded, in the given order, each once.
+    A task that executes model-written code is an error unless `allow_code_execution`."""
     index = manager.task_index
     resolved: list[str] = []
     for name in names:
@@ -94,7 +111,19 @@ def resolve_tasks(manager, names: tuple[str, ...] | list[str]) -> list[str]:
                 f"tags: {', '.join(manager.all_tags)}"
             )
         resolved += [task for task in members if task not in resolved]
+    unsafe = [task for task in resolved if executes_code(manager, task)]
+    if unsafe and not allow_code_execution:
+        raise ConfigError(
+            f"eval.tasks.names: {', '.join(unsafe)} runs model-written code on this machine to score it "
+            "(not sandboxed); set eval.tasks.allow_code_execution: true to run it where that is acceptable, "
+            "or leave it out"
+        )
     return resolved
+
+
+def executes_code(manager, task: str) -> bool:
+    """Whether lm-eval's config of `task` marks it `unsafe_code` (it runs the model's output)."""
+    return bool((getattr(manager.task_index[task], "cfg", None) or {}).get("unsafe_code"))
 
 
 def run_tasks(
@@ -105,34 +134,54 @@ def run_tasks(
     include_path: str | Path | None = None,
     num_fewshot: int | None = None,
     manager=None,
+    allow_code_execution: bool = False,
 ) -> dict[str, dict]:
     """{task: {"metric", "value", "stderr", "samples", "dimension"}} for every task in `names`.
 
     `limit` is the number of documents per task (the first ones; 0 = all), `limits`
     overrides it per task. Tasks sharing a limit run in one lm-eval call.
+    `allow_code_execution` lets tasks run model-written code (see `resolve_tasks`).
     """
     from lm_eval import simple_evaluate
 
     manager = manager or task_manager(include_path)
-    tasks = resolve_tasks(manager, names)
+    tasks = resolve_tasks(manager, names, allow_code_execution)
     by_limit: dict[int, list[str]] = {}
     for task in tasks:
         by_limit.setdefault((limits or {}).get(task, limit), []).append(task)
     scores: dict[str, dict] = {}
-    for task_limit, group in by_limit.items():
-        log.info("lm-eval: %s (limit %s)", ", ".join(group), task_limit or "none")
-        output = simple_evaluate(
-            model=lm,
-            tasks=group,
-            task_manager=manager,
-            limit=task_limit or None,
-            num_fewshot=num_fewshot,
-            log_samples=False,
-            bootstrap_iters=0,  # stderr from the closed form, not resampling (seconds per task)
-        )
-        for task in group:
-            scores[task] = headline_score(task, output["results"][task], output["n-samples"][task]["effective"])
+    with _code_eval_allowed(allow_code_execution):
+        for task_limit, group in by_limit.items():
+            log.info("lm-eval: %s (limit %s)", ", ".join(group), task_limit or "none")
+            output = simple_evaluate(
+                model=lm,
+                tasks=group,
+                task_manager=manager,
+                limit=task_limit or None,
+                num_fewshot=num_fewshot,
+                log_samples=False,
+                bootstrap_iters=0,  # stderr from the closed form, not resampling (seconds per task)
+                confirm_run_unsafe_code=allow_code_execution,
+            )
+            for task in group:
+                scores[task] = headline_score(task, output["results"][task], output["n-samples"][task]["effective"])
     return {task: scores[task] for task in tasks}
+
+
+@contextlib.contextmanager
+def _code_eval_allowed(allowed: bool):
+    """HF_ALLOW_CODE_EVAL=1 during the run when allowed (the code-eval loaders and metric
+    read it), the previous value restored after."""
+    previous = os.environ.get("HF_ALLOW_CODE_EVAL")
+    if allowed:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if allowed and previous is None:
+            del os.environ["HF_ALLOW_CODE_EVAL"]
+        elif allowed:
+            os.environ["HF_ALLOW_CODE_EVAL"] = previous
 
 
 def headline_score(task: str, results: dict, samples: int) -> dict:
@@ -141,10 +190,11 @@ def headline_score(task: str, results: dict, samples: int) -> dict:
         raise ConfigError(f"lm-eval task {task} reports no {metric} (it reports {', '.join(results)})")
     name, _, filter_name = metric.partition(",")
     stderr = results.get(f"{name}_stderr,{filter_name}")
+    scale = 0.01 if task in PERCENT_TASKS else 1.0
     return {
         "metric": metric,
-        "value": float(results[metric]),
-        "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+        "value": float(results[metric]) * scale,
+        "stderr": float(stderr) * scale if isinstance(stderr, (int, float)) else None,
         "samples": int(samples),
         "dimension": capability_of(task),
     }

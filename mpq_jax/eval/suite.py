@@ -2,9 +2,9 @@
 
 `evaluate(params, model, config)` scores `params` (quantized or not) with everything the
 config's `eval:` section lists; `fp_baseline(model, config)` scores the unquantized model the
-same way, cached on disk (`$MPQ_CACHE_DIR/eval/<fingerprint>.json`, keyed by the model file
-and the eval settings) because every run of the same model and settings would otherwise
-repeat it; `compare` puts the two side by side (retained fraction per task and dimension,
+same way, cached on disk (`$MPQ_CACHE_DIR/eval/<fingerprint>.json`, keyed by the content of
+the model's files, the eval settings and the evaluation files: `mpq_jax.fingerprint`) because
+every run of the same model and settings would otherwise repeat it; `compare` puts the two side by side (retained fraction per task and dimension,
 perplexity ratio per set). Used by `python -m mpq_jax.quantize` after quantizing and by
 `python -m mpq_jax.evaluate` on a saved packed model.
 
@@ -14,17 +14,19 @@ Not for: the metrics themselves (`perplexity`, `downstream`, `harness`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
+import math
 import time
+from pathlib import Path
 
 from mpq_jax.config import EvalConfig
-from mpq_jax.data.calibration import heldout_tokens
+from mpq_jax.data.calibration import heldout_path, heldout_tokens
 from mpq_jax.data.paths import cache_dir
-from mpq_jax.errors import ConfigError
-from mpq_jax.eval.downstream import capability_table, resolve_tasks, run_tasks, task_manager, task_table
+from mpq_jax.errors import ConfigError, EvaluationError
+from mpq_jax.eval.downstream import capability_table, default_include_path, resolve_tasks, run_tasks, task_manager, task_table
 from mpq_jax.eval.perplexity import make_windows, perplexity, resolve_wikitext2_path, wikitext2_tokens
+from mpq_jax.fingerprint import eval_fingerprint, folder_files
 from mpq_jax.models.checkpoint import LoadedModel
 from mpq_jax.output import atomic_write_text
 
@@ -37,7 +39,8 @@ def check_inputs(config: EvalConfig) -> None:
     if ppl.enabled and "wikitext2" in ppl.sets:
         resolve_wikitext2_path(ppl.wikitext2_path)
     if config.tasks.names:
-        resolve_tasks(task_manager(config.tasks.include_path), config.tasks.names)
+        # also refuses code-executing tasks (MBPP) unless eval.tasks.allow_code_execution
+        resolve_tasks(task_manager(config.tasks.include_path), config.tasks.names, config.tasks.allow_code_execution)
 
 
 def _set_tokens(tokenizer, name: str, config: EvalConfig):
@@ -61,6 +64,7 @@ def evaluate(params: dict, model: LoadedModel, config: EvalConfig, label: str = 
             start = time.perf_counter()
             windows = make_windows(_set_tokens(model.tokenizer, name, config), ppl.seq_len, ppl.max_windows)
             outcome = perplexity(params, model.spec, windows, batch_size=ppl.batch_size, desc=f"{label} ppl {name}")
+            _refuse_non_finite(f"{label} perplexity on {name}", outcome.mean_nll, "mean log-likelihood")
             result["perplexity"][name] = outcome.to_json()
             result["seconds"][f"perplexity {name}"] = time.perf_counter() - start
     if config.tasks.names:
@@ -75,20 +79,48 @@ def evaluate(params: dict, model: LoadedModel, config: EvalConfig, label: str = 
             max_length=t.max_length,
         )
         result["tasks"] = run_tasks(
-            lm, t.names, limit=t.limit, limits=t.limits, include_path=t.include_path, num_fewshot=t.num_fewshot
+            lm,
+            t.names,
+            limit=t.limit,
+            limits=t.limits,
+            include_path=t.include_path,
+            num_fewshot=t.num_fewshot,
+            allow_code_execution=t.allow_code_execution,
         )
+        for task, score in result["tasks"].items():
+            _refuse_non_finite(f"{label} {task}", score["value"], score["metric"])
         result["seconds"]["tasks"] = time.perf_counter() - start
     return result
 
 
-def fp_fingerprint(model_identity: dict, config: EvalConfig) -> str:
-    text = json.dumps({"model": model_identity, "eval": dataclasses.asdict(config)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _refuse_non_finite(what: str, value, name: str) -> None:
+    """A NaN or infinite number is never a result: the model produces non-finite values."""
+    if not math.isfinite(float(value)):
+        raise EvaluationError(
+            f"{what}: {name} is {value}, not a number; the model computes non-finite values (NaN or "
+            "overflowing weights, activations or scales), so there is no result to report. Check the "
+            "quantized weights (a damaged packed model is refused when loaded) or try float32"
+        )
+
+
+def eval_data_files(config: EvalConfig) -> list[Path]:
+    """The text and task files an evaluation reads, so that its cache key covers their content."""
+    files: list[Path] = []
+    ppl = config.perplexity
+    if ppl.enabled:
+        for name in ppl.sets:
+            files.append(resolve_wikitext2_path(ppl.wikitext2_path) if name == "wikitext2" else heldout_path(name))
+    if config.tasks.names:
+        files += folder_files(config.tasks.include_path or default_include_path())
+    return files
 
 
 def fp_baseline(model: LoadedModel, config: EvalConfig, model_identity: dict) -> dict:
-    """`evaluate` of the unquantized model, read from the disk cache when already computed."""
-    path = cache_dir() / "eval" / f"{fp_fingerprint(model_identity, config)}.json"
+    """`evaluate` of the unquantized model, read from the disk cache when already computed.
+
+    `model_identity` is `mpq_jax.fingerprint.model_identity` of the model's files: the cache
+    is keyed by their content, the eval settings and the evaluation files' content."""
+    path = cache_dir() / "eval" / f"{eval_fingerprint(model_identity, config, eval_data_files(config))}.json"
     if path.is_file():
         log.info("FP baseline from cache %s", path)
         return json.loads(path.read_text(encoding="utf-8"))

@@ -29,9 +29,11 @@ import numpy as np
 
 from mpq_jax.data.paths import cache_dir
 from mpq_jax.errors import CheckpointError, ConfigError
-from mpq_jax.models.gguf_loader import gguf_tokenizer, load_gguf
+from mpq_jax.fingerprint import tokenizer_cache_key
+from mpq_jax.models.gguf_loader import gguf_tokenizer, load_gguf, read_gguf_config
 from mpq_jax.models.spec import ModelSpec, spec_from_dict, spec_from_hf_config
-from mpq_jax.packed.io import MANIFEST_FILE, load_quantized
+from mpq_jax.output import apply_umask_mode
+from mpq_jax.packed.io import MANIFEST_FILE, load_quantized, read_metadata
 from mpq_jax.packed.qlinear import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -165,10 +167,10 @@ def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     """Per-file cache folder for the tokenizer transformers converts from GGUF metadata.
 
     Converting SmolLM2's 49k-token BPE vocabulary takes ~9 s on this class of machine; the
-    converted `tokenizer.json` loads in well under a second. Keyed by name, size and mtime.
+    converted `tokenizer.json` loads in well under a second. Keyed by the file's content
+    (mpq_jax.fingerprint), so another GGUF under the same name never reads this one's.
     """
-    stat = gguf_path.stat()
-    return cache_dir() / "tokenizers" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    return cache_dir() / "tokenizers" / tokenizer_cache_key(gguf_path)
 
 
 def _cached_gguf_tokenizer(path: Path):
@@ -181,11 +183,49 @@ def _cached_gguf_tokenizer(path: Path):
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        apply_umask_mode(tmp, is_dir=True)  # mkdtemp's 0700 would hide the cache from a shared group
         tokenizer.save_pretrained(str(tmp))
         tmp.rename(cache)
     except OSError as exc:  # a read-only or racing cache only costs speed
         log.debug("tokenizer cache not written (%s)", exc)
     return tokenizer
+
+
+def model_kind(path: Path) -> str:
+    """"packed" (an mpq-jax folder), "hf" (a Hugging Face folder) or "gguf", for a resolved path."""
+    if (path / MANIFEST_FILE).is_file():
+        return "packed"
+    if path.is_dir():
+        return "hf"
+    if path.suffix == ".gguf":
+        return "gguf"
+    raise CheckpointError(f"{path}: expected a Hugging Face directory, a .gguf file or a packed mpq-jax folder")
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """The model's architecture from its config alone (config.json, GGUF metadata or the packed
+    manifest), without reading any weights: what pre-flight checks work from."""
+    kind = model_kind(path)
+    if kind == "packed":
+        metadata = read_metadata(path)
+        if "spec" not in metadata:
+            raise CheckpointError(f"{path / MANIFEST_FILE}: metadata has no 'spec'; was it written by mpq_jax.quantize?")
+        return spec_from_dict(metadata["spec"])
+    if kind == "gguf":
+        return read_gguf_config(path)[0]
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no config.json; is this a Hugging Face model directory?")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
+    return spec_from_hf_config(config, source=str(config_path))
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether `load_tokenizer` will find one: a GGUF always carries it; a folder needs its files."""
+    return path.is_file() or any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: Path):
@@ -195,7 +235,7 @@ def load_tokenizer(path: Path):
     """
     from transformers import AutoTokenizer
 
-    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(path):
         log.warning("%s has no tokenizer files; loading the model without a tokenizer", path)
         return None
     try:

@@ -119,14 +119,13 @@ def gguf_tokenizer(path: Path):
     reader that imports torch; we read it with the `gguf` package instead and hand it to
     transformers' own converter, so the result is the same tokenizer without needing torch.
     """
-    import gguf
     from transformers import PreTrainedTokenizerFast
     try:  # transformers >= 5.2x keeps the GGUF helpers here ...
         from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     except ImportError:  # ... older releases (e.g. the 5.17 the compare extra pins) in ggml.py
         from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in metadata:
         raise CheckpointError(f"{path}: GGUF has no tokenizer metadata (tokenizer.ggml.tokens)")
@@ -168,17 +167,45 @@ def _our_name(gguf_name: str) -> str | None:
     return None if mapped is None else f"{mapped}.{kind}"
 
 
-def load_gguf(path: Path) -> tuple[dict[str, np.ndarray], ModelSpec, dict[str, Any]]:
-    """Returns (flat float32 tensors by our dotted names, spec, HF-style config dict)."""
+GGUF_MAGIC = b"GGUF"
+
+
+def open_gguf(path: Path):
+    """gguf.GGUFReader over `path` (memory-mapped: tensors are read when used).
+
+    The reader fails on a cut-short file with numpy's words ("cannot reshape array of size
+    399424 into shape (576,960)"): say instead what is wrong with the file and what to do.
+    """
     import gguf
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with {GGUF_MAGIC!r})")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the gguf package raises bare ValueError/struct errors on corrupt files
-        raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from exc
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # bare ValueError/IndexError from numpy views past the end of the file
+        raise CheckpointError(
+            f"{path}: the GGUF file is truncated or damaged ({path.stat().st_size} bytes; its header or tensor "
+            f"table points past what is there: {type(exc).__name__}: {exc}); copy or download it again"
+        ) from exc
+
+
+def read_gguf_config(path: Path) -> tuple[ModelSpec, dict[str, Any]]:
+    """(spec, HF-style config) from a GGUF's metadata alone, without reading its tensors."""
+    config = hf_config_from_gguf(open_gguf(path), path)
+    return spec_from_hf_config(config, source=str(path)), config
+
+
+def load_gguf(path: Path) -> tuple[dict[str, np.ndarray], ModelSpec, dict[str, Any]]:
+    """Returns (flat float32 tensors by our dotted names, spec, HF-style config dict)."""
+    import gguf
+
+    path = Path(path)
+    reader = open_gguf(path)
     config = hf_config_from_gguf(reader, path)
     spec = spec_from_hf_config(config, source=str(path))
     tensors: dict[str, np.ndarray] = {}

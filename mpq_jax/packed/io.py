@@ -4,14 +4,24 @@ A checkpoint is a directory holding two files:
   model.safetensors   every tensor, named by its dotted path in the tree, e.g.
                       `layers.0.self_attn.q_proj.perm`, `...q_proj.seg1.codes`,
                       `...q_proj.seg0.dense`, `...q_proj.lowrank_a`, `embed_tokens.weight`
-  mpq_manifest.json   {"format": "mpq-jax-packed", "format_version": 2, "metadata": {...},
+  mpq_manifest.json   {"format": "mpq-jax-packed", "format_version": 2,
+                       "files": {"model.safetensors": {"sha256": hex digest, "bytes": size}},
+                       "metadata": {...},
                        "tree": nested description of the dict/list/tuple structure,
                        "qlinears": {path: in/out features, segments, low-rank rank, bias}}
 
 Writing is atomic: both files go into a temporary directory beside the target, which is
 then renamed into place (an existing target is renamed away first and deleted last), so a
-reader never sees a half-written checkpoint. Loading checks everything against the
-manifest and raises `CheckpointError` naming the file, the tensor or field, and the fix.
+reader never sees a half-written checkpoint. Files and folders get the modes plain writes
+would (0666 / 0777 less the umask), not tempfile's owner-only ones.
+
+Loading checks everything against the manifest and raises `CheckpointError` naming the
+file, the tensor or field, and the fix: the tensor file's sha256 (so bytes changed after
+writing, even at the same size, are caught before any is used), every tensor's shape and
+dtype, each layer's layout, and that no float tensor holds NaN or Inf (a model that would
+silently compute garbage). Manifests written before "files" existed load unverified, with
+a warning; adding the field kept format version 2, since readers ignore fields they do not
+know and the tensors are unchanged.
 
 Tree nodes are dicts (string keys without '.'), lists, tuples, None, arrays (numpy or jax;
 dtypes are preserved exactly, bfloat16 included) and QuantizedLinears. Loaded arrays are
@@ -41,7 +51,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from mpq_jax.digest import file_sha256
 from mpq_jax.errors import CheckpointError
+from mpq_jax.output import apply_umask_mode
 from mpq_jax.packed import bitpack
 from mpq_jax.packed.planes import pack_codes
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, Segment
@@ -70,21 +82,23 @@ def save_quantized(directory, params, metadata: dict, extra_files: Callable[[Pat
     tensors: dict[str, np.ndarray] = {}
     qlinears: dict[str, dict] = {}
     tree = _describe(params, (), tensors, qlinears)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "metadata": metadata,
-        "tree": tree,
-        "qlinears": qlinears,
-    }
     try:
-        manifest_text = json.dumps(manifest, indent=1)
+        json.dumps(metadata)  # fail before writing gigabytes of tensors
     except TypeError as err:
         raise CheckpointError(f"metadata for {target} must be JSON-serializable: {err}") from err
 
     def write(tmp: Path) -> None:
         safetensors.numpy.save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
-        (tmp / MANIFEST_FILE).write_text(manifest_text)
+        apply_umask_mode(tmp / TENSORS_FILE)  # safetensors (0.8) creates its file 0600
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "files": {TENSORS_FILE: _file_record(tmp / TENSORS_FILE)},
+            "metadata": metadata,
+            "tree": tree,
+            "qlinears": qlinears,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
         for name in (TENSORS_FILE, MANIFEST_FILE):
             _fsync(tmp / name)
         if extra_files is not None:
@@ -156,6 +170,10 @@ def _to_numpy(array) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array))
 
 
+def _file_record(path: Path) -> dict:
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -172,6 +190,7 @@ def _replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
+        apply_umask_mode(tmp, is_dir=True)  # it becomes the checkpoint folder itself
         write(tmp)
         if target.exists():
             # Move the old checkpoint aside (not delete) so a failed swap can restore it.
@@ -201,6 +220,7 @@ def load_quantized(directory):
     tensors_path = directory / TENSORS_FILE
     if not tensors_path.is_file():
         raise CheckpointError(f"{tensors_path} is missing; the checkpoint is incomplete, save it again")
+    _verify_files(directory, manifest)
     try:
         reader = safetensors.safe_open(str(tensors_path), framework="numpy")
     except Exception as err:  # safetensors raises its own error types for corrupt headers
@@ -238,6 +258,56 @@ def _read_manifest(directory: Path) -> dict:
         if not isinstance(manifest.get(field), kind):
             raise CheckpointError(f"{path}: field '{field}' is missing or not an object; the checkpoint is corrupt")
     return manifest
+
+
+def _verify_files(directory: Path, manifest: dict) -> None:
+    """Check each file's size and sha256 against the manifest's "files" field."""
+    manifest_path = directory / MANIFEST_FILE
+    files = manifest.get("files")
+    if files is None:
+        logger.warning(
+            "%s has no 'files' checksums (written before mpq-jax recorded them); %s cannot be verified. "
+            "Save the checkpoint again to add them",
+            manifest_path,
+            TENSORS_FILE,
+        )
+        return
+    if not isinstance(files, dict) or TENSORS_FILE not in files:
+        raise CheckpointError(
+            f"{manifest_path}: field 'files' must map {TENSORS_FILE!r} to its checksum; the manifest is corrupt, "
+            "save the checkpoint again"
+        )
+    for name, record in files.items():
+        if Path(name).name != name or not isinstance(record, dict):
+            raise CheckpointError(
+                f"{manifest_path}: entry 'files.{name}' must name a file in the folder and hold its checksum; "
+                "the manifest is corrupt, save the checkpoint again"
+            )
+        _verify_file(directory / name, record, manifest_path)
+
+
+def _verify_file(path: Path, record: dict, manifest_path: Path) -> None:
+    """Size first (free), then the streamed sha256, against one "files" entry."""
+    expected_sha, expected_bytes = record.get("sha256"), record.get("bytes")
+    if not isinstance(expected_sha, str) or not isinstance(expected_bytes, int):
+        raise CheckpointError(
+            f"{manifest_path}: entry 'files.{path.name}' needs a string 'sha256' and an integer 'bytes'; "
+            "the manifest is corrupt, save the checkpoint again"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, save it again")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise CheckpointError(
+            f"{path} was modified or corrupted after it was written: it has {size} bytes, "
+            f"{manifest_path.name} recorded {expected_bytes}; write the checkpoint again or restore the file"
+        )
+    actual_sha = file_sha256(path)
+    if actual_sha != expected_sha:
+        raise CheckpointError(
+            f"{path} was modified or corrupted after it was written: sha256 {actual_sha[:12]}…, "
+            f"{manifest_path.name} recorded {expected_sha[:12]}…; write the checkpoint again or restore the file"
+        )
 
 
 class _Loader:
@@ -285,6 +355,7 @@ class _Loader:
             raise CheckpointError(
                 f"{self.tensors_path}: tensor '{name}' has dtype {array.dtype.name}, the manifest says {dtype}"
             )
+        _check_finite(array, name, self.tensors_path)
         return array
 
     def qlinear(self, name: str) -> QuantizedLinear:
@@ -340,6 +411,18 @@ class _Loader:
 
     def array(self, name: str) -> jax.Array:
         return jnp.asarray(self.tensor(name))
+
+
+def _check_finite(array: np.ndarray, name: str, tensors_path: Path) -> None:
+    """Refuse NaN/Inf in a float tensor: the model would run and print or score garbage."""
+    # jnp.issubdtype knows bfloat16 (numpy files it as a void type); this runs on the host.
+    if jnp.issubdtype(array.dtype, jnp.floating) and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise CheckpointError(
+            f"{tensors_path}: tensor '{name}' holds {bad} NaN or Inf value(s) of {array.size}; a model with them "
+            "computes garbage. Quantize it again (if it recurs, check the source model and the run's log "
+            "for the layer that diverged)"
+        )
 
 
 def _layout1_to_layout2(arrays: dict, bits: int, n_cols: int) -> dict:

@@ -29,7 +29,17 @@ from mpq_jax.capture import HessianCache, fill_hessian_cache, pooled_statistics
 from mpq_jax.errors import ConfigError
 from mpq_jax.models.decoder import LINEAR_INPUT_OF
 from mpq_jax.models.spec import BLOCK_LINEARS, ModelSpec
-from mpq_jax.quant.amlq import DEFAULT_LOWRANK_BPW, DEFAULT_PRESETS, LayerPlan, Preset, build_layer, layer_summary, measure_layer
+from mpq_jax.quant.amlq import (
+    DEFAULT_LOWRANK_BPW,
+    DEFAULT_PRESETS,
+    LayerPlan,
+    Preset,
+    build_layer,
+    layer_summary,
+    measure_layer,
+    preset_storage_bits,
+    reachable_bits,
+)
 from mpq_jax.quant.awq import DEFAULT_ALPHA_GRID
 from mpq_jax.quant.model import linear_name
 
@@ -53,6 +63,34 @@ class Measurement:
         if lowrank and not self.lowrank:
             raise ConfigError("AMLQ allocation needs a measurement with low-rank candidates (lowrank_bpw set)")
         return [[c for c in plan.candidates if lowrank or c.label[1] is None] for plan in self.plans]
+
+
+def reachable_bpw(
+    spec: ModelSpec, presets: Sequence[Preset], lowrank_bpw: Sequence[float] | None
+) -> tuple[float, float]:
+    """(lowest, highest) BPW a measurement with these presets and ranks can be allocated to,
+    from the layer shapes alone (`amlq.reachable_bits`), so that a budget is checked before
+    the measuring pass (minutes) instead of after it."""
+    low = high = weights = 0
+    for module, name in BLOCK_LINEARS:
+        n_out, n_in = spec.linear_shape(module, name)
+        layer_low, layer_high = reachable_bits(n_out, n_in, spec.linear_has_bias(module, name), presets, lowrank_bpw)
+        low, high, weights = low + layer_low, high + layer_high, weights + n_out * n_in
+    return low / weights, high / weights  # every block has the same layers
+
+
+def check_target_reachable(spec: ModelSpec, target_bpw: float, presets: Sequence[Preset], lowrank_bpw: Sequence[float] | None) -> None:
+    """ConfigError naming the reachable range when no allocation can meet `target_bpw`."""
+    low, high = reachable_bpw(spec, presets, lowrank_bpw)
+    if target_bpw < low:
+        cheapest = min(presets, key=lambda p: preset_storage_bits(spec.hidden_size, spec.hidden_size, p))
+        raise ConfigError(
+            f"quantization.amlq.target_bpw: {target_bpw:g} is below what these presets can store: every layer at its "
+            f"cheapest preset ({cheapest.name}) already takes {low:.3f} BPW; reachable: {low:.3f} to about {high:.3f} BPW. "
+            "Choose a target in that range or add a cheaper preset (quantization.amlq.presets)"
+        )
+    if target_bpw > high:
+        log.warning("target BPW %.3f is above the most these presets store (about %.3f): every layer will get its best", target_bpw, high)
 
 
 def measure_model(

@@ -53,7 +53,7 @@ def test_quantize_reports_tasks_and_sets_beside_the_fp_baseline(quantized_run):
     for row in evaluation["perplexity"]:
         assert row["ratio"] == pytest.approx(row["quantized"] / row["fp"])
     markdown = (root / "out" / "report.md").read_text()
-    assert "## Capabilities" in markdown and "| world knowledge | no local task |" in markdown and "| math | not run |" in markdown
+    assert "## Capabilities" in markdown and "| world knowledge | not run |" in markdown and "| math | not run |" in markdown
     assert (root / "out" / "capabilities.png").stat().st_size > 0
     assert len(list((root / "cache" / "eval").glob("*.json"))) == 1  # the FP baseline, cached
 

@@ -57,6 +57,33 @@ def test_default_model_gguf_reads_as_smollm2(default_model):
         assert bool(np.isfinite(np.asarray(leaf)).all()), jax.tree_util.keystr(path)
 
 
+def test_tokenizer_cache_folder_has_umask_mode(tmp_path, monkeypatch):
+    """The cache folder (made by mkdtemp, 0700) ends up 0o777 & ~umask, like a plain mkdir."""
+    import os
+    import stat
+
+    import mpq_jax.models.checkpoint as checkpoint
+    from mpq_jax.data.paths import CACHE_ENV
+
+    class FakeTokenizer:
+        def save_pretrained(self, folder):
+            with open(os.path.join(folder, "tokenizer.json"), "w") as handle:
+                handle.write("{}")
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint, "gguf_tokenizer", lambda path: FakeTokenizer())
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    old = os.umask(0o022)
+    try:
+        checkpoint._cached_gguf_tokenizer(gguf)
+    finally:
+        os.umask(old)
+    (folder,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    assert (folder / "tokenizer.json").is_file()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
 @pytest.mark.slow
 def test_tokenizer_cache_round_trip(default_model, shared_dir, tmp_path, monkeypatch):
     """The tokenizer converted from GGUF metadata and the one reloaded from the cache agree."""

@@ -1,6 +1,13 @@
-"""Save/load: a bit-identical round trip, atomic writes, and errors that name the file."""
+"""Save/load: a bit-identical round trip, atomic writes with plain file modes, and errors
+that name the file: changed bytes (checksum), missing or misshapen tensors, NaN/Inf."""
 
+import dataclasses
 import json
+import logging
+import os
+import re
+import stat
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +15,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from mpq_jax.digest import file_sha256
 from mpq_jax.errors import CheckpointError
 from mpq_jax.packed.io import MANIFEST_FILE, TENSORS_FILE, load_quantized, save_quantized
 from mpq_jax.packed.qlinear import QuantizedLinear, make_dense_segment, make_segment
@@ -52,6 +60,15 @@ def assert_trees_identical(a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         assert x.dtype == y.dtype and x.shape == y.shape
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def rewrite_tensors(directory, tensors):
+    """Replace the tensor file and record its new checksum: a consistent but wrong checkpoint."""
+    path = directory / TENSORS_FILE
+    safetensors.numpy.save_file(tensors, str(path))
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest["files"][TENSORS_FILE] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 def test_round_trip_is_bit_identical(tmp_path):
@@ -134,7 +151,7 @@ def test_missing_tensor_names_the_tensor(tmp_path):
     path = tmp_path / "ckpt" / TENSORS_FILE
     tensors = safetensors.numpy.load_file(str(path))
     del tensors["layers.1.self_attn.q_proj.seg1.zero"]
-    safetensors.numpy.save_file(tensors, str(path))
+    rewrite_tensors(tmp_path / "ckpt", tensors)
     with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.q_proj\.seg1\.zero"):
         load_quantized(tmp_path / "ckpt")
 
@@ -148,7 +165,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path, name, expected):
     path = tmp_path / "ckpt" / TENSORS_FILE
     tensors = safetensors.numpy.load_file(str(path))
     tensors[name] = tensors[name][..., :2].copy()
-    safetensors.numpy.save_file(tensors, str(path))
+    rewrite_tensors(tmp_path / "ckpt", tensors)
     with pytest.raises(CheckpointError, match=expected):
         load_quantized(tmp_path / "ckpt")
 
@@ -179,6 +196,7 @@ def write_format1(directory, params):
             tensors[f"{prefix}.scale"] = np.ascontiguousarray(tensors[f"{prefix}.scale"].T)
             tensors[f"{prefix}.zero"] = bitpack.pack(tensors[f"{prefix}.zero"].astype(np.int64), seg["bits"])
     manifest["format_version"] = 1
+    del manifest["files"]  # format 1 predates checksums
     safetensors.numpy.save_file(tensors, str(directory / TENSORS_FILE))
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
@@ -194,3 +212,124 @@ def test_format1_checkpoint_is_converted_on_load_value_for_value(tmp_path):
     # Saving the converted tree again writes format 2, bit for bit what the original saves.
     save_quantized(tmp_path / "new", loaded, {})
     assert json.loads((tmp_path / "new" / MANIFEST_FILE).read_text())["format_version"] == 2
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def tensor_data_range(path, name):
+    """(first, end) byte offsets of tensor `name`'s data inside a safetensors file."""
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"]
+    return 8 + header_len + begin, 8 + header_len + end
+
+
+def test_manifest_records_the_tensor_file_checksum(tmp_path):
+    save_quantized(tmp_path / "ckpt", small_params(), {})
+    path = tmp_path / "ckpt" / TENSORS_FILE
+    files = json.loads((tmp_path / "ckpt" / MANIFEST_FILE).read_text())["files"]
+    assert files == {TENSORS_FILE: {"sha256": file_sha256(path), "bytes": path.stat().st_size}}
+
+
+def test_changed_bytes_in_a_scale_tensor_are_detected(tmp_path):
+    save_quantized(tmp_path / "ckpt", small_params(), {})
+    path = tmp_path / "ckpt" / TENSORS_FILE
+    first, end = tensor_data_range(path, "layers.0.self_attn.q_proj.seg1.scale")
+    raw = bytearray(path.read_bytes())
+    size = len(raw)
+    # Flip the lowest mantissa bit of every fp16 scale: the values stay finite and plausible,
+    # so only the checksum can tell.
+    for i in range(first, end, 2):
+        raw[i] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert path.stat().st_size == size
+    changed = r"model\.safetensors was modified or corrupted after it was written: sha256"
+    with pytest.raises(CheckpointError, match=changed) as info:
+        load_quantized(tmp_path / "ckpt")
+    assert "write the checkpoint again" in str(info.value)
+
+
+def test_truncated_tensor_file_is_detected_by_size(tmp_path):
+    save_quantized(tmp_path / "ckpt", small_params(), {})
+    path = tmp_path / "ckpt" / TENSORS_FILE
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors was modified or corrupted.*bytes"):
+        load_quantized(tmp_path / "ckpt")
+
+
+def test_manifest_from_before_checksums_loads_with_a_warning(tmp_path, caplog):
+    params = small_params()
+    save_quantized(tmp_path / "ckpt", params, {"run": 1})
+    path = tmp_path / "ckpt" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    del manifest["files"]
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="mpq_jax.packed.io"):
+        loaded, metadata = load_quantized(tmp_path / "ckpt")
+    assert metadata == {"run": 1}
+    assert_trees_identical(params, loaded)
+    assert "cannot be verified" in caplog.text
+
+
+Q_PROJ = "layers.0.self_attn.q_proj"
+
+
+def with_value(params, name, value):
+    """`params` with one entry of tensor `name` (a dotted path) set to `value`; QuantizedLinear
+    fields are replaced directly, since create and make_segment refuse NaN themselves."""
+    if name == "norm.weight":
+        weight = params["norm"]["weight"].copy()
+        weight[3] = value
+        return {**params, "norm": {"weight": weight}}
+    if name == "embed_tokens.weight":
+        return {**params, "embed_tokens": {"weight": params["embed_tokens"]["weight"].at[2, 5].set(value)}}
+    layer = params["layers"][0]
+    ql = layer["self_attn"]["q_proj"]
+    owner, field = name.removeprefix(f"{Q_PROJ}.").rpartition(".")[::2]
+    if owner:  # "segN.field"
+        i = int(owner.removeprefix("seg"))
+        segments = list(ql.segments)
+        segments[i] = dataclasses.replace(segments[i], **{field: getattr(segments[i], field).at[0, 0].set(value)})
+        ql = dataclasses.replace(ql, segments=tuple(segments))
+    else:
+        array = getattr(ql, field)
+        ql = dataclasses.replace(ql, **{field: array.at[(0,) * array.ndim].set(value)})
+    layers = [{**layer, "self_attn": {**layer["self_attn"], "q_proj": ql}}, *params["layers"][1:]]
+    return {**params, "layers": layers}
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        (f"{Q_PROJ}.seg1.scale", np.nan),
+        (f"{Q_PROJ}.seg0.dense", np.inf),
+        (f"{Q_PROJ}.bias", np.nan),
+        (f"{Q_PROJ}.lowrank_a", -np.inf),
+        (f"{Q_PROJ}.lowrank_b", np.nan),
+        (f"{Q_PROJ}.input_scale", np.nan),
+        ("norm.weight", np.nan),
+        ("embed_tokens.weight", np.inf),  # bfloat16
+    ],
+)
+def test_non_finite_tensor_is_refused_naming_it(tmp_path, name, value):
+    # Saved normally, so the checksum matches: only the values are wrong.
+    save_quantized(tmp_path / "ckpt", with_value(small_params(), name, value), {})
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' holds 1 NaN or Inf"):
+        load_quantized(tmp_path / "ckpt")
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_saved_checkpoint_has_umask_modes(tmp_path, umask_022):
+    add_tokenizer = lambda tmp: (tmp / "tokenizer.json").write_text("{}")  # noqa: E731
+    save_quantized(tmp_path / "ckpt", small_params(), {}, extra_files=add_tokenizer)
+    save_quantized(tmp_path / "ckpt", small_params(1), {})  # the overwrite path too
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    for path in (tmp_path / "ckpt").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
