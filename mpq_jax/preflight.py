@@ -58,30 +58,30 @@ def check_output_dir(folder: Path, field: str = "output_dir") -> None:
             raise ConfigError(f"{field}: {folder / name} is a file where the run writes a folder; move it away")
 
 
-def check_model(source: str, field: str = "model") -> CheckedModel:
+def check_model(source: str, field: str = "model", allow_packed: bool = True) -> CheckedModel:
     """The model is there and its architecture is one we implement (from its config alone)."""
     try:
         path = resolve_model_source(source)
         kind = model_kind(path)
+        if kind == "packed" and not allow_packed:
+            refuse_packed_source(path, field)
         spec = read_spec(path)
     except CheckpointError as exc:
         raise type(exc)(f"{field}: {exc}") from None
     return CheckedModel(path=path, kind=kind, spec=spec)
 
 
-def refuse_packed_source(model: CheckedModel, field: str = "model") -> None:
+def refuse_packed_source(path: Path, field: str = "model") -> None:
     """Quantizing a packed model again would compound two quantizations' errors, and its
     report would compare against the packed model rather than the real FP one: refuse it,
     pointing at its source and at `mpq_jax.evaluate`."""
-    if model.kind != "packed":
-        return
-    metadata = read_metadata(model.path)
+    metadata = read_metadata(path)
     source = metadata.get("source")
     method = (metadata.get("run_config") or {}).get("quantization", {}).get("method", "?")
     hint = f"quantize its source instead ({field}: {source})" if source else "quantize the unquantized model instead"
     raise ConfigError(
-        f"{field}: {model.path} is a packed mpq-jax model (already quantized, method {method}); {hint}, "
-        f"or score it with: python -m mpq_jax.evaluate --model {model.path} --config X.yaml"
+        f"{field}: {path} is a packed mpq-jax model (already quantized, method {method}); {hint}, "
+        f"or score it with: python -m mpq_jax.evaluate --model {path} --config X.yaml"
     )
 
 
@@ -118,9 +118,8 @@ def evaluates_text(config: RunConfig) -> bool:
 def check_run(config: RunConfig, output_dir: Path) -> CheckedModel:
     """Every pre-flight check of a `python -m mpq_jax.quantize` run, cheapest first."""
     check_output_dir(output_dir)
-    model = check_model(config.model)
+    model = check_model(config.model, allow_packed=False)
     method = config.quantization.method
-    refuse_packed_source(model)
     if method in CALIBRATED_METHODS:
         check_tokenizer(model, f"quantization.method {method} (to read calibration text)")
         check_calibration(config)

@@ -210,7 +210,10 @@ def read_spec(path: Path) -> ModelSpec:
         metadata = read_metadata(path)
         if "spec" not in metadata:
             raise CheckpointError(f"{path / MANIFEST_FILE}: metadata has no 'spec'; was it written by mpq_jax.quantize?")
-        return spec_from_dict(metadata["spec"])
+        try:
+            return spec_from_dict(metadata["spec"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path / MANIFEST_FILE}: metadata 'spec' is not a model spec ({exc}); the manifest is corrupt") from None
     if kind == "gguf":
         return read_gguf_config(path)[0]
     config_path = path / "config.json"

@@ -287,33 +287,36 @@ def candidate_bits(qlinear: QuantizedLinear, rank: int | None) -> int:
     return bits
 
 
-def preset_storage_bits(n_out: int, n_in: int, preset: Preset) -> int:
+def preset_storage_bits(n_out: int, n_in: int, preset: Preset, dearest: bool = False) -> int:
     """Stored bits of a preset's packed layer (codes, scales, zeros, dense columns; no bias,
     input scale or low-rank term), from the shape alone.
 
-    Exactly what `quantize_preset` stores whenever every run of equal widths spans a multiple of
-    32 columns (always when `n_in` is a multiple of 32, as in every Llama/Qwen layer); a lower
-    bound otherwise, because a run's last code word is then padded and the short last group
-    may get any width (here it gets the widest, the cheapest assignment).
+    Exactly what `quantize_preset` stores whenever `n_in` is a multiple of 32 (as in every
+    Llama/Qwen layer): every group then fills whole code words. Otherwise the short last
+    group may get any width and its run's last code word is padded, so this gives a bound:
+    the cheapest case (the widest width on the short group, no padding), or with `dearest`
+    the dearest (the widest widths on full groups, the short group's run padded to 32 columns).
     """
     n_groups = math.ceil(n_in / preset.group_size)
-    cols = sorted([preset.group_size] * (n_groups - 1) + [n_in - preset.group_size * (n_groups - 1)])
+    cols = sorted([preset.group_size] * (n_groups - 1) + [n_in - preset.group_size * (n_groups - 1)], reverse=dearest)
     widths = sorted(preset.group_bits(n_groups).tolist(), reverse=True)
     code_bits = sum(b * c for b, c in zip(widths, cols))  # dense (16-bit) columns: 16 bits each too
     grids = sum(1 for b in widths if b != DENSE_BITS)  # fp16 scale + uint8 zero per group and row
-    return n_out * (code_bits + 24 * grids)
+    padding = 0
+    if dearest and n_in % 32:
+        padding = max((b for b in widths if b != DENSE_BITS), default=0) * (32 - n_in % 32)
+    return n_out * (code_bits + 24 * grids + padding)
 
 
 def reachable_bits(n_out: int, n_in: int, has_bias: bool, presets: Sequence[Preset], lowrank_bpw: Sequence[float] | None) -> tuple[int, int]:
     """(at least, at most) the stored bits of any candidate `measure_layer` can give this layer,
     known before measuring: the cheapest preset with nothing added, and the dearest with an
-    input scale, a bias and the largest rank (the measured candidates lie in between, up to
-    code-word padding where `n_in` is not a multiple of 32)."""
+    input scale, a bias and the largest rank (the measured candidates lie in between)."""
     bias = 16 * n_out
-    packed = [preset_storage_bits(n_out, n_in, p) for p in presets]
     rank = max(ranks_for_layer(n_out, n_in, lowrank_bpw), default=0) if lowrank_bpw is not None else 0
-    low = min(packed) + (bias if has_bias else 0)
-    high = max(packed) + 16 * n_in + bias + 16 * rank * (n_out + n_in)
+    low = min(preset_storage_bits(n_out, n_in, p) for p in presets) + (bias if has_bias else 0)
+    dearest = max(preset_storage_bits(n_out, n_in, p, dearest=True) for p in presets)
+    high = dearest + 16 * n_in + bias + 16 * rank * (n_out + n_in)
     return low, high
 
 

