@@ -11,8 +11,8 @@ the same folder misses every cache, and the same weights under another path hit 
 Why whole-content hashes rather than size + mtime + a header hash: two fine-tunes of one
 architecture have byte-identical safetensors headers and equal sizes, and `cp -p`, `rsync -a`
 and unpacking an archive all restore mtimes, so only the content tells such files apart.
-Hashing costs one sequential read per file version (SmolLM2's 100 MB GGUF: ~0.2 s; a 7B
-model's 14 GB: ~10 s, once): digests are memoized in `$MPQ_CACHE_DIR/file_digests.json`
+Hashing costs one sequential read per file version (SmolLM2's 98 MB GGUF: 0.1 s here; a 7B
+model's 14 GB: ~15 s, once): digests are memoized in `$MPQ_CACHE_DIR/file_digests.json`
 under (size, mtime_ns, ctime_ns, inode). ctime cannot be set from user space and changes with
 every write, so a rewritten file is always hashed again.
 
