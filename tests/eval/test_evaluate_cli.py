@@ -83,3 +83,9 @@ def test_evaluate_cli_errors_name_the_fix(quantized_run, tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"eval": {"tasks": {"names": ["arc_easy"]}}}))
     assert main(["--model", str(root / "out" / "model"), "--config", str(bad), "--no-fp"]) == 2
     assert "unknown task 'arc_easy'" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--model", str(root / "out" / "model"), "--config", str(config), "--output", str(blocker), "--no-fp"]) == 2
+    assert "--output:" in (err := capsys.readouterr().err) and "is an existing file" in err
+    assert main(["--model", str(tmp_path / "nowhere"), "--config", str(config), "--no-fp"]) == 2
+    assert "--model: model" in capsys.readouterr().err
