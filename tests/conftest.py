@@ -63,3 +63,13 @@ def load_tiny_model(tmp_path_factory):
         return loaded[family]
 
     return load
+
+
+@pytest.fixture
+def umask_022():
+    """Run the test under umask 022 (files 0644, folders 0755), restoring the caller's after."""
+    import os
+
+    old = os.umask(0o022)
+    yield
+    os.umask(old)

@@ -66,27 +66,22 @@ def test_output_path_that_cannot_be_created_fails_before_loading(tmp_path, capsy
     assert code == 2 and "cannot write into" in err and "choose a folder you can write to" in err
 
 
-def test_model_folder_blocked_by_a_file_fails_before_loading(tmp_path, capsys, no_loading, tiny_hf):
+@pytest.mark.parametrize("name, method", [("model", "rtn"), (".resume", "gptq")])
+def test_folder_the_run_writes_blocked_by_a_file_fails_before_loading(tmp_path, capsys, no_loading, tiny_hf, name, method):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model").write_text("")
-    code, err = run_cli(tmp_path, f"model: {tiny_hf}\n", capsys, output=out)
-    assert code == 2 and "model is a file where the run writes a folder" in err
+    (out / name).write_text("")
+    code, err = run_cli(tmp_path, f"model: {tiny_hf}\nquantization: {{method: {method}}}\n", capsys, output=out)
+    assert code == 2 and f"{name} is a file where the run writes a folder" in err
 
 
-def test_gptq_resume_folder_blocked_by_a_file_fails_before_loading(tmp_path, capsys, no_loading, tiny_hf):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / ".resume").write_text("")
-    code, err = run_cli(tmp_path, f"model: {tiny_hf}\nquantization: {{method: gptq}}\n", capsys, output=out)
-    assert code == 2 and ".resume is a file" in err
+def gptq_on_source(model, source) -> str:
+    """A GPTQ config calibrated on one custom source `mine` at `source`."""
+    return f"model: {model}\nquantization: {{method: gptq}}\ncalibration: {{sources: [mine], paths: {{mine: {source}}}}}\n"
 
 
 def test_missing_calibration_file_fails_before_loading(tmp_path, capsys, no_loading, tiny_hf):
-    text = (
-        f"model: {tiny_hf}\nquantization: {{method: gptq}}\n"
-        f"calibration: {{sources: [mine], paths: {{mine: {tmp_path / 'nope.jsonl'}}}}}\n"
-    )
+    text = gptq_on_source(tiny_hf, tmp_path / "nope.jsonl")
     code, err = run_cli(tmp_path, text, capsys, output=tmp_path / "out")
     assert code == 2 and "calibration source 'mine'" in err and "nope.jsonl not found" in err
 
@@ -94,7 +89,7 @@ def test_missing_calibration_file_fails_before_loading(tmp_path, capsys, no_load
 def test_calibration_without_the_text_field_names_the_config_key(tmp_path, capsys, no_loading, tiny_hf):
     source = tmp_path / "docs.jsonl"
     source.write_text(json.dumps({"content": "some text"}) + "\n")
-    text = f"model: {tiny_hf}\nquantization: {{method: gptq}}\ncalibration: {{sources: [mine], paths: {{mine: {source}}}}}\n"
+    text = gptq_on_source(tiny_hf, source)
     code, err = run_cli(tmp_path, text, capsys, output=tmp_path / "out")
     assert code == 2 and "set calibration.text_field" in err and "this record has: content" in err
     # ... and the key it names works.
@@ -107,8 +102,7 @@ def test_calibration_without_the_text_field_names_the_config_key(tmp_path, capsy
 def test_calibration_too_short_fails_before_the_weights_load(tmp_path, capsys, no_loading, tiny_hf):
     source = tmp_path / "short.jsonl"
     source.write_text(json.dumps({"text": "only a few words here"}) + "\n")
-    text = f"model: {tiny_hf}\nquantization: {{method: gptq}}\ncalibration: {{sources: [mine], paths: {{mine: {source}}}}}\n"
-    code, err = run_cli(tmp_path, text, capsys, output=tmp_path / "out")
+    code, err = run_cli(tmp_path, gptq_on_source(tiny_hf, source), capsys, output=tmp_path / "out")
     assert code == 2 and "calibration source 'mine'" in err and "ask for fewer samples" in err
 
 
@@ -204,8 +198,6 @@ def test_save_model_false_removes_an_earlier_runs_model(tmp_path, capsys):
 
 
 def test_non_finite_perplexity_is_an_error_and_the_model_is_kept(tmp_path, capsys, tiny_hf):
-    from mpq_jax.packed.io import save_quantized  # noqa: F401 - the run saves through it
-
     folder = tmp_path / "nan"
     shutil.copytree(tiny_hf, folder)
     from safetensors.numpy import load_file, save_file

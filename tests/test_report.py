@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import stat
 
 import pytest
 
 from mpq_jax.report import save_figure
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
 
 
 def test_save_figure_writes_a_png_with_umask_mode(tmp_path, umask_022):

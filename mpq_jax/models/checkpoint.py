@@ -150,7 +150,8 @@ def _read_safetensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str,
     return flat, origin
 
 
-def load_hf_directory(directory: Path) -> tuple[dict[str, np.ndarray], ModelSpec, dict[str, Any], dict[str, str]]:
+def read_hf_config(directory: Path) -> tuple[ModelSpec, dict[str, Any]]:
+    """(spec, config dict) from a Hugging Face folder's config.json."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
@@ -158,7 +159,11 @@ def load_hf_directory(directory: Path) -> tuple[dict[str, np.ndarray], ModelSpec
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
-    spec = spec_from_hf_config(config, source=str(config_path))
+    return spec_from_hf_config(config, source=str(config_path)), config
+
+
+def load_hf_directory(directory: Path) -> tuple[dict[str, np.ndarray], ModelSpec, dict[str, Any], dict[str, str]]:
+    spec, config = read_hf_config(directory)
     flat, origin = _read_safetensors(directory)
     return flat, spec, config, origin
 
@@ -216,14 +221,7 @@ def read_spec(path: Path) -> ModelSpec:
             raise CheckpointError(f"{path / MANIFEST_FILE}: metadata 'spec' is not a model spec ({exc}); the manifest is corrupt") from None
     if kind == "gguf":
         return read_gguf_config(path)[0]
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{path}: no config.json; is this a Hugging Face model directory?")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
-    return spec_from_hf_config(config, source=str(config_path))
+    return read_hf_config(path)[0]
 
 
 def has_tokenizer(path: Path) -> bool:

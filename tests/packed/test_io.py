@@ -4,7 +4,6 @@ that name the file: changed bytes (checksum), missing or misshapen tensors, NaN/
 import dataclasses
 import json
 import logging
-import os
 import re
 import stat
 import struct
@@ -317,13 +316,6 @@ def test_non_finite_tensor_is_refused_naming_it(tmp_path, name, value):
     save_quantized(tmp_path / "ckpt", with_value(small_params(), name, value), {})
     with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' holds 1 NaN or Inf"):
         load_quantized(tmp_path / "ckpt")
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
 
 
 def test_saved_checkpoint_has_umask_modes(tmp_path, umask_022):
