@@ -56,9 +56,10 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
     [out, in] in processing (permuted) order:
 
     err[:, j] = updated W[:, j] - Q[:, j], the quantization error of processed column j;
-    margin[:, j] = how far column j's rounding decisions (its code, and at a group start the
-    group's zero-point and fp16 scale) were from a tie: where an implementation in lower
-    precision may legitimately round the other way.
+    margin[:, j] = how far column j's rounding decisions were from a tie (where an
+    implementation in lower precision may legitimately round the other way): its code, and
+    its group's zero-point and fp16 scale, which every column of the group carries because
+    they show in Ŵ only where a code differs from the zero-point; inf for 16-bit columns.
     """
     W = np.array(w, np.float64)
     H = np.array(hessian, np.float64)
@@ -72,9 +73,7 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
             cols = W[:, g * group_size : (g + 1) * group_size]
             if group_bits[g] != 16:
                 static[g] = grid_params(cols, int(group_bits[g]), symmetric), group_margin(cols, int(group_bits[g]), symmetric)
-    if perm is None:
-        perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n_in)
-    perm = np.asarray(perm)
+    perm = processing_order(H, perm, act_order)
     W, H = W[:, perm], H[np.ix_(perm, perm)]
 
     damping = percdamp
@@ -99,12 +98,12 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
             q = W[:, j].astype(np.float16).astype(np.float64)
         else:
             if static_groups:
-                (scale, zero), margin[:, j] = static[g]
+                (scale, zero), grid_margin = static[g]
             elif j == g0:
                 scale, zero = grid_params(W[:, g0:g1], bits, symmetric)
-                margin[:, j] = group_margin(W[:, g0:g1], bits, symmetric)
+                grid_margin = group_margin(W[:, g0:g1], bits, symmetric)
             codes = np.clip(np.round(W[:, j] / scale) + zero, 0, 2**bits - 1)
-            margin[:, j] = np.minimum(margin[:, j], tie_margin(W[:, j] / scale))
+            margin[:, j] = np.minimum(grid_margin, tie_margin(W[:, j] / scale))
             q = (codes - zero) * scale
         err[:, j] = W[:, j] - q
         Q[:, j] = q
@@ -116,6 +115,16 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
     D = np.asarray(w, np.float64) - w_hat
     loss = float(np.sum((D @ np.asarray(hessian, np.float64)) * D))
     return w_hat, loss, damping, err, margin
+
+
+def processing_order(hessian, perm=None, act_order=False):
+    """The column order [in]: perm, else (act-order) descending diag(H) with dead inputs
+    pinned to 1, else the identity: the order of `reference_gptq`'s err and margin."""
+    if perm is not None:
+        return np.asarray(perm)
+    diag = np.diag(np.asarray(hessian, np.float64)).copy()
+    diag[diag == 0] = 1
+    return np.argsort(-diag, kind="stable") if act_order else np.arange(len(diag))
 
 
 def group_margin(w, bits, symmetric):
