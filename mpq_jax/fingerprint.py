@@ -34,16 +34,16 @@ import numpy as np
 from mpq_jax.data.paths import cache_dir
 from mpq_jax.digest import file_sha256
 from mpq_jax.output import atomic_write_text
+from mpq_jax.packed.io import MANIFEST_FILE, TENSORS_FILE
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever what a fingerprint covers changes, so that no older entry is read as current.
 FINGERPRINT_VERSION = 2
 DIGEST_MEMO_FILE = "file_digests.json"
-MANIFEST_FILE = "mpq_manifest.json"  # a packed mpq-jax folder (mpq_jax.packed.io)
-PACKED_TENSORS_FILE = "model.safetensors"
-# What AutoTokenizer may read from a folder; every one present is part of the model.
-TOKENIZER_FILES = (
+# Every file AutoTokenizer may read from a folder: each one present is part of the model.
+# (A superset of checkpoint.TOKENIZER_FILES, the ones whose presence means a tokenizer is there.)
+TOKENIZER_PARTS = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -105,7 +105,7 @@ def model_files(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if (path / MANIFEST_FILE).is_file():
-        files = [path / MANIFEST_FILE, path / PACKED_TENSORS_FILE]
+        files = [path / MANIFEST_FILE, path / TENSORS_FILE]
     else:
         files = [path / "config.json"]
         index = path / "model.safetensors.index.json"
@@ -117,7 +117,7 @@ def model_files(path: str | Path) -> list[Path]:
             files += [index] + [path / name for name in shards]
         else:
             files.append(path / "model.safetensors")
-    files += [path / name for name in TOKENIZER_FILES]
+    files += [path / name for name in TOKENIZER_PARTS]
     return [f for f in files if f.is_file()]
 
 
