@@ -22,12 +22,12 @@ from pathlib import Path
 
 from mpq_jax.config import load_config
 from mpq_jax.errors import ConfigError, MpqError
-from mpq_jax.eval.suite import compare, evaluate, fp_baseline
+from mpq_jax.eval.suite import check_inputs, compare, evaluate, fp_baseline
 from mpq_jax.fingerprint import model_identity
 from mpq_jax.models.checkpoint import load_model
 from mpq_jax.output import atomic_write_text
 from mpq_jax.packed.io import MANIFEST_FILE, read_metadata
-from mpq_jax.preflight import check_eval_inputs, check_model, check_output_dir, check_tokenizer, evaluates_text
+from mpq_jax.preflight import check_model, check_output_dir, check_tokenizer, evaluates_text
 from mpq_jax.report import evaluation_markdown, plot_capabilities
 
 log = logging.getLogger("mpq_jax")
@@ -56,7 +56,7 @@ def run(model_path: Path, config_path: Path, output: Path | None, fp_model: str 
     checked = check_model(str(model_path), "--model")
     if evaluates_text(config):
         check_tokenizer(checked, "evaluation (eval.perplexity / eval.tasks)")
-    check_eval_inputs(config)
+    check_inputs(config.eval)
     fp_checked = None
     if with_fp:
         source = fp_source(checked.path, fp_model)

@@ -6,8 +6,8 @@ the CLIs turn those into `error: ...` and exit status 2. What is checked: the ou
 (not a file, writable, nothing in the way of `model/`), the model (present, an architecture
 we implement — read from its config, not its weights — and not already packed where a method
 would quantize it again), a tokenizer wherever text must be read, the calibration sources
-(present and readable; whether they are long enough is known once they are tokenized, which
-the pipeline does before loading the weights), the evaluation sets and tasks, and an AMLQ
+(present and of a known format; their records and length are checked when they are
+tokenized, which the pipeline does before loading the weights), the evaluation sets and tasks, and an AMLQ
 budget against the range its presets can reach.
 
 Not for: validating config values one by one (`mpq_jax.config`), or the checks that need the
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from mpq_jax.config import RunConfig
-from mpq_jax.data.calibration import heldout_path, read_documents, sources_from_config
+from mpq_jax.data.calibration import source_format, sources_from_config
 from mpq_jax.errors import CheckpointError, ConfigError
 from mpq_jax.eval.suite import check_inputs
 from mpq_jax.models.checkpoint import DEFAULT_MODEL, has_tokenizer, model_kind, read_spec, resolve_model_source
@@ -94,20 +94,11 @@ def check_tokenizer(model: CheckedModel, needed_for: str) -> None:
 
 
 def check_calibration(config: RunConfig) -> None:
-    """Every calibration source resolves to a readable file of documents."""
+    """Every calibration source names a file or dataset of a known format. Its records (the
+    text field, JSON, UTF-8) and its length are checked when it is tokenized, which the
+    pipeline does before loading the weights, so the files are read once."""
     for source in sources_from_config(config.calibration):
-        documents = read_documents(source)  # names the file and line on a bad record
-        if not any(documents):
-            raise ConfigError(f"calibration source {source.name!r}: {source.path} holds no text")
-
-
-def check_eval_inputs(config: RunConfig) -> None:
-    check_inputs(config.eval)
-    ppl = config.eval.perplexity
-    if ppl.enabled:
-        for name in ppl.sets:
-            if name != "wikitext2" and not heldout_path(name).is_file():
-                raise ConfigError(f"eval.perplexity.sets: {name}'s heldout split {heldout_path(name)} not found")
+        source_format(source)
 
 
 def evaluates_text(config: RunConfig) -> bool:
@@ -125,7 +116,7 @@ def check_run(config: RunConfig, output_dir: Path) -> CheckedModel:
         check_calibration(config)
     if evaluates_text(config):
         check_tokenizer(model, "evaluation (eval.perplexity / eval.tasks)")
-        check_eval_inputs(config)
+        check_inputs(config.eval)
     if method == "amlq":
         from mpq_jax.quant.amlq import DEFAULT_LOWRANK_BPW, presets_from_config
         from mpq_jax.quant.amlq_model import check_target_reachable

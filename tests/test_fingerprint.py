@@ -8,6 +8,7 @@ second run on replaced weights does not read the first run's cached FP baseline 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,14 +51,14 @@ def test_file_digest_follows_content_and_is_memoized(tmp_path, monkeypatch):
     path = tmp_path / "w.bin"
     path.write_bytes(b"a" * 1000)
     first = fp.file_digest(path)
-    assert first == __import__("hashlib").sha256(b"a" * 1000).hexdigest()
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
     st = os.stat(path)
     path.write_bytes(b"b" * 1000)  # same size ...
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old mtime
     assert fp.file_digest(path) != first
     # Unchanged files are not read again: the memo answers.
     monkeypatch.setattr(fp, "file_sha256", lambda p: pytest.fail("hashed again"))
-    assert fp.file_digest(path) == __import__("hashlib").sha256(b"b" * 1000).hexdigest()
+    assert fp.file_digest(path) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
 @pytest.mark.parametrize("sharded", [False, True])

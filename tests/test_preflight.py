@@ -127,9 +127,9 @@ def test_unsupported_architecture_fails_from_the_config_alone(tmp_path, capsys, 
 
 
 def test_missing_heldout_set_fails_before_loading(tmp_path, capsys, no_loading, tiny_hf, monkeypatch):
-    from mpq_jax import preflight
+    from mpq_jax.eval import suite
 
-    monkeypatch.setattr(preflight, "heldout_path", lambda name: tmp_path / "gone" / name / "heldout.jsonl")
+    monkeypatch.setattr(suite, "heldout_path", lambda name: tmp_path / "gone" / name / "heldout.jsonl")
     code, err = run_cli(tmp_path, f"model: {tiny_hf}\neval: {{perplexity: {{sets: [code]}}}}\n", capsys, output=tmp_path / "out")
     assert code == 2 and "eval.perplexity.sets" in err and "heldout.jsonl not found" in err
 

@@ -134,12 +134,19 @@ def _read_dataset(path: Path, text_field: str) -> list[str]:
     return list(data[text_field])
 
 
-def read_documents(source: CalibrationSource) -> list[str]:
-    """The documents of `source`, in file order: one per JSON line, the whole text file, or one per dataset row."""
+def source_format(source: CalibrationSource) -> str:
+    """The format `source` is read in; ConfigError if its file is missing or of unknown kind
+    (the check pre-flight runs before anything is loaded, without reading the file)."""
     path = Path(source.path)
     if not path.exists():
         raise ConfigError(f"calibration source {source.name!r}: {path} not found")
-    fmt = _source_format(source, path)
+    return _source_format(source, path)
+
+
+def read_documents(source: CalibrationSource) -> list[str]:
+    """The documents of `source`, in file order: one per JSON line, the whole text file, or one per dataset row."""
+    path = Path(source.path)
+    fmt = source_format(source)
     try:
         if fmt == "jsonl":
             return _read_jsonl(path, source.text_field)

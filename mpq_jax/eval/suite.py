@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 def check_inputs(config: EvalConfig) -> None:
     """Fail before any heavy work when an evaluation input is missing or misnamed."""
     ppl = config.perplexity
-    if ppl.enabled and "wikitext2" in ppl.sets:
-        resolve_wikitext2_path(ppl.wikitext2_path)
+    if ppl.enabled:
+        for name in ppl.sets:
+            if name == "wikitext2":
+                resolve_wikitext2_path(ppl.wikitext2_path)
+            elif not heldout_path(name).is_file():
+                raise ConfigError(f"eval.perplexity.sets: {name}'s heldout split {heldout_path(name)} not found")
     if config.tasks.names:
         # also refuses code-executing tasks (MBPP) unless eval.tasks.allow_code_execution
         resolve_tasks(task_manager(config.tasks.include_path), config.tasks.names, config.tasks.allow_code_execution)
