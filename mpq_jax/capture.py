@@ -2,7 +2,7 @@
 
 Decoder blocks are processed in order. Calibration hidden states (one array per source)
 enter block i; the four distinct inputs of its seven linears (`LINEAR_INPUTS`: q/k/v share
-one, gate/up share one) are captured batch by batch and folded into `InputStats`: the
+one, gate/up share one) are captured batch by batch and folded into `InputStats` (mpq_jax.stats): the
 float32 Hessian H = 2XXᵀ/N, the mean E[x] and the mean magnitude E|x| per input channel
 (GPTQ needs H; AMLQ's AWQ scaling needs E|x| and its low-rank term E[x]); the
 caller's `quantize_block` turns the block into quantized form; and the block's outputs —
@@ -36,22 +36,11 @@ from mpq_jax.errors import CheckpointError
 from mpq_jax.models.decoder import LINEAR_INPUTS, block_forward, decoder_block, rope_inverse_frequencies, rope_tables
 from mpq_jax.models.spec import ModelSpec
 from mpq_jax.packed.io import MANIFEST_FILE, load_quantized, save_quantized
+from mpq_jax.stats import InputStats, SourceStats
 
 log = logging.getLogger(__name__)
 
 
-
-@dataclasses.dataclass(frozen=True)
-class InputStats:
-    """What is kept of one linear input X [tokens, d] over the calibration tokens (float32)."""
-
-    hessian: np.ndarray  # [d, d] H = 2 XᵀX / N (so E[x xᵀ] = H / 2)
-    mean: np.ndarray  # [d] E[x]
-    mean_abs: np.ndarray  # [d] E|x|, AWQ's activation magnitude S_x
-
-
-# stats[source][input name]
-SourceStats = dict[str, dict[str, InputStats]]
 QuantizeBlock = Callable[[int, dict, SourceStats], dict]
 
 
@@ -113,19 +102,6 @@ def block_outputs(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: 
     """hidden [n, T, D] after the block, computed batch by batch."""
     cos, sin = rope_for(spec, hidden.shape[1])
     return np.concatenate([np.asarray(decoder_block(layer, spec, batch, cos, sin)) for batch in _batches(hidden, batch_size)])
-
-
-def pooled_statistics(per_source: SourceStats, tokens_per_source: Mapping[str, int]) -> dict[str, InputStats]:
-    """One InputStats per input over all sources: token-weighted means of the per-source ones
-    (every field is a mean over tokens, so this equals capturing all sources at once)."""
-    total = sum(tokens_per_source.values())
-
-    def pool(name: str, field: str) -> np.ndarray:
-        return sum(getattr(per_source[src][name], field) * (tokens_per_source[src] / total) for src in per_source)
-
-    return {
-        name: InputStats(**{f.name: pool(name, f.name) for f in dataclasses.fields(InputStats)}) for name in LINEAR_INPUTS
-    }
 
 
 class HessianCache:
@@ -205,7 +181,7 @@ def sequential_quantize(
     """Quantize every block in order; returns the new params (embedding, norms, head kept).
 
     calibration: source name -> tokens [n, T]. `quantize_block(index, layer, hessians)` gets
-    the block's original params and its input statistics per source (see `pooled_statistics`
+    the block's original params and its input statistics per source (see `mpq_jax.stats.pooled_statistics`
     to pool them) and returns the block's new params. `propagate_quantized` feeds the next block
     with the quantized block's outputs (GPTQ's choice) instead of the original block's.
 

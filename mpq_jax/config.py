@@ -61,6 +61,9 @@ class PerplexityConfig:
     enabled: bool = True  # evaluate perplexity after quantizing
     # texts to score: wikitext2 (the test text) and/or a calibration source's heldout split
     # (web, wikipedia, code, qa, arxiv: $MPQ_SHARED_DIR/data/corpora/sources/<name>/heldout.jsonl)
+    # and/or your own file: an entry ending in .txt or .jsonl or containing "/" is a path
+    # (relative to the current directory), a .txt file one text, a .jsonl file one JSON object
+    # per line with the text under "text"; reported under the path as written
     sets: tuple[str, ...] = ("wikitext2",)
     seq_len: int = 2048  # tokens per non-overlapping window
     max_windows: int = 0  # first K windows of each set only (0 = all; WikiText-2 has ~147 at 2048)
@@ -193,12 +196,18 @@ def validate(config: RunConfig) -> RunConfig:
 
 def _validate_perplexity_sets(sets: tuple[str, ...]) -> None:
     from mpq_jax.data.calibration import DEFAULT_SOURCE_NAMES
+    from mpq_jax.data.text import names_text_file
 
     allowed = ("wikitext2",) + DEFAULT_SOURCE_NAMES
     for name in sets:
-        if name not in allowed:
-            raise ConfigError(f"eval.perplexity.sets: unknown set {name!r}; choose from {', '.join(allowed)}")
-    if len(set(sets)) != len(sets):
+        if name not in allowed and not names_text_file(name):
+            raise ConfigError(
+                f"eval.perplexity.sets: unknown set {name!r}; choose from {', '.join(allowed)}, "
+                "or give the path of a .txt or .jsonl file"
+            )
+    # "notes.txt" and "./notes.txt" are one file (the files themselves are checked by pre-flight)
+    keys = [str(Path(name).expanduser()) if names_text_file(name) else name for name in sets]
+    if len(set(keys)) != len(keys):
         raise ConfigError("eval.perplexity.sets: a set is listed twice")
 
 

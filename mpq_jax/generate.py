@@ -21,7 +21,7 @@ from mpq_jax.errors import ConfigError, MpqError
 from mpq_jax.infer import SamplingConfig, generate
 from mpq_jax.models.checkpoint import load_model, load_tokenizer
 from mpq_jax.preflight import check_model, check_tokenizer
-from mpq_jax.quant.model import dequantized_params
+from mpq_jax.packed.params import dequantized_params
 from pallas_kernels.dispatch import kernel_backend
 
 

@@ -28,10 +28,10 @@ from mpq_jax.eval.suite import check_inputs
 from mpq_jax.models.checkpoint import DEFAULT_MODEL, has_tokenizer, model_kind, read_spec, resolve_model_source
 from mpq_jax.models.spec import ModelSpec
 from mpq_jax.packed.io import read_metadata
+from mpq_jax.quant.registry import method_named
 
 log = logging.getLogger(__name__)
 
-CALIBRATED_METHODS = ("gptq", "amlq")  # methods that read calibration text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,20 +110,15 @@ def check_run(config: RunConfig, output_dir: Path) -> CheckedModel:
     """Every pre-flight check of a `python -m mpq_jax.quantize` run, cheapest first."""
     check_output_dir(output_dir)
     model = check_model(config.model, allow_packed=False)
-    method = config.quantization.method
-    if method in CALIBRATED_METHODS:
-        check_tokenizer(model, f"quantization.method {method} (to read calibration text)")
+    method = method_named(config.quantization.method)
+    if method.calibrated:
+        check_tokenizer(model, f"quantization.method {method.name} (to read calibration text)")
         check_calibration(config)
     if evaluates_text(config):
         check_tokenizer(model, "evaluation (eval.perplexity / eval.tasks)")
         check_inputs(config.eval)
-    if method == "amlq":
-        from mpq_jax.quant.amlq import DEFAULT_LOWRANK_BPW, presets_from_config
-        from mpq_jax.quant.amlq_model import check_target_reachable
-
-        a = config.quantization.amlq
-        lowrank_bpw = (a.lowrank_bpw or DEFAULT_LOWRANK_BPW) if a.lowrank else None
-        check_target_reachable(model.spec, a.target_bpw, presets_from_config(a.presets), lowrank_bpw)
+    if method.check is not None:  # what the method can tell from the layer shapes alone (AMLQ's budget)
+        method.check(model.spec, method.options(config.quantization))
     log.info(
         "pre-flight checks passed: %s (%s, %s, %d layers) -> %s",
         model.path if str(config.model) != DEFAULT_MODEL else DEFAULT_MODEL,

@@ -1,7 +1,9 @@
 """Reports of a run: `report.json` (everything), `report.md` (for people), `layer_error.png`,
 `capabilities.png` (retained fraction per capability dimension, when tasks were run beside
-the FP baseline), and for AMLQ runs `amlq_allocation.png` (bits and rank per block and layer type, as the
-paper's Figure 2) and `amlq_delta.png` (sensitivity δ per layer).
+the FP baseline), and the method's own section and figures, written by its LayerNote type
+(mpq_jax.quant.method): e.g. AMLQ's `amlq_allocation.png` (bits and rank per block and layer
+type, as the paper's Figure 2) and `amlq_delta.png` (sensitivity δ per layer), drawn by
+`plot_amlq` here.
 
 Each file is written atomically. Not for: computing the numbers (the stages do that).
 """
@@ -18,15 +20,11 @@ from mpq_jax.output import atomic_path, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def markdown_report(report: dict) -> str:
-    q = report["config"]["quantization"]
-    if report["method"] == "amlq":
-        a = q["amlq"]
-        detail = f" ({'AMLQ' if a['lowrank'] else 'AMQ, no low-rank term'}, target {a['target_bpw']} bits per weight)"
-    elif report["method"] != "none":
-        detail = f" ({q['bits']}-bit, group {q['group_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'})"
-    else:
-        detail = ""
+def markdown_report(report: dict, note_type: type | None = None, folder: Path | None = None) -> str:
+    """report.md: the run's summary, evaluation, timings, the per-layer table, then the
+    method's own section (`note_type.report_section`, mpq_jax.quant.method.LayerNote),
+    which writes its figures into `folder`."""
+    detail = f" ({report['method_detail']})" if report.get("method_detail") else ""
     lines = [
         "# mpq-jax run report",
         "",
@@ -46,31 +44,13 @@ def markdown_report(report: dict) -> str:
         lines += evaluation_markdown(report["eval"])
     lines += ["", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report.get("seconds", {}).items()]
-    has_loss = any("gptq_loss" in s for s in report["layers"])
-    header = "| layer | shape | bits/weight | ‖W−Ŵ‖/‖W‖ |" + (" GPTQ loss tr(ΔW H ΔWᵀ) |" if has_loss else "")
-    lines += ["", "![relative weight error per layer](layer_error.png)", "", header, "|---|---|---:|---:|" + ("---:|" if has_loss else "")]
+    lines += ["", "![relative weight error per layer](layer_error.png)", "", "| layer | shape | bits/weight | ‖W−Ŵ‖/‖W‖ |", "|---|---|---:|---:|"]
     lines += [
         f"| {s['name']} | {s['shape'][0]}×{s['shape'][1]} | {s['bits_per_weight']:.3f} | {s['relative_weight_error']:.4f} |"
-        + (f" {s['gptq_loss']:.4g} |" if "gptq_loss" in s else (" - |" if has_loss else ""))
         for s in report["layers"]
     ]
-    if any("amlq_preset" in s for s in report["layers"]):
-        lines += [
-            "",
-            "## AMLQ choices",
-            "",
-            "![bits and rank per block](amlq_allocation.png)",
-            "",
-            "![sensitivity per layer](amlq_delta.png)",
-            "",
-            "| layer | preset (bits mix, group) | α | rank | bits/weight | δ |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {s['name']} | {s['amlq_preset']} | {s['amlq_alpha']:.2f} | {'-' if s['amlq_rank'] is None else s['amlq_rank']} "
-            f"| {s['bits_per_weight']:.3f} | {s['amlq_delta']:.3g} |"
-            for s in report["layers"]
-        ]
+    if note_type is not None:
+        lines += note_type.report_section(report["layers"], report.get(report["method"], {}), folder)
     return "\n".join(lines) + "\n"
 
 
@@ -214,14 +194,13 @@ def plot_amlq(layers: list[dict], folder: Path) -> None:
     save_figure(fig, folder / "amlq_delta.png")
 
 
-def write_report(output_dir: Path, report: dict) -> None:
+def write_report(output_dir: Path, report: dict, note_type: type | None = None) -> None:
+    """Every report file of a run; `note_type` is the method's LayerNote class (its section)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    atomic_write_text(output_dir / "report.md", markdown_report(report))
+    atomic_write_text(output_dir / "report.md", markdown_report(report, note_type, output_dir))
     plot_layer_error(report, output_dir / "layer_error.png")
-    if any("amlq_preset" in s for s in report["layers"]):
-        plot_amlq(report["layers"], output_dir)
     capabilities = report.get("eval", {}).get("capabilities")
     if capabilities and report["eval"]["fp"] is not None:
         plot_capabilities(capabilities, output_dir / "capabilities.png", f"{report['method']}: capabilities retained")

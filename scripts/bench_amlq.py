@@ -42,7 +42,9 @@ from mpq_jax.models.checkpoint import DEFAULT_MODEL, load_model
 from mpq_jax.output import atomic_write_text
 from mpq_jax.quant.amlq import DEFAULT_PRESETS, Preset
 from mpq_jax.quant.amlq_model import allocate_model, build_model, measure_model
-from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_gptq
+from mpq_jax.quant.gptq_model import GptqOptions, quantize_model
+from mpq_jax.quant.method import WalkContext
+from mpq_jax.quant.model import average_bits_per_weight, linear_stats
 from mpq_jax.report import save_figure
 
 DEFAULT_TARGETS = tuple(round(2.3 + 0.2 * i, 1) for i in range(11))  # 2.3 ... 4.3
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         add("fp", model.params, None, 0.0)
         for bits in [int(b) for b in args.gptq_bits.split(",") if b]:
             start = time.perf_counter()
-            params, _ = quantize_model_gptq(model.params, model.spec, calibration, bits=bits, group_size=128,
-                                            propagate_quantized=False, hessian_cache=cache)
+            context = WalkContext(spec=model.spec, calibration=calibration, statistics=cache)
+            params = quantize_model(model.params, GptqOptions(bits=bits, group_size=128, propagate_quantized=False), context).params
             gptq_s = time.perf_counter() - start
             add("gptq", params, None, capture_s + gptq_s, bits=bits, capture_seconds=capture_s, method_seconds=gptq_s)
         for target in [float(t) for t in args.targets.split(",")]:

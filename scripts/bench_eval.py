@@ -44,7 +44,7 @@ from mpq_jax.models.checkpoint import DEFAULT_MODEL, LoadedModel, load_model
 from mpq_jax.output import atomic_write_text
 from mpq_jax.quant.model import average_bits_per_weight, linear_stats
 from mpq_jax.fingerprint import model_identity
-from mpq_jax.quantize import calibration_for, quantize_params
+from mpq_jax.pipeline import calibration_for, quantize_params
 from mpq_jax.report import save_figure
 
 LOGLIKELIHOOD_TASKS = ["local_tasks", "local_lambada_openai"]
@@ -64,7 +64,7 @@ def quantized_model(model: LoadedModel, name: str) -> tuple[LoadedModel, float, 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         identity = model_identity(model.source, config.dtype)
-        params, _ = quantize_params(model, config, Path(folder), calibration_for(model.tokenizer, config), identity)
+        params = quantize_params(model, config, Path(folder), calibration_for(model.tokenizer, config), identity).params
     seconds = time.perf_counter() - start
     return dataclasses.replace(model, params=params), average_bits_per_weight(linear_stats(model.params, params)), seconds
 

@@ -49,10 +49,12 @@ from mpq_jax.quant.model import (
     average_bits_per_weight,
     iter_block_linears,
     linear_stats,
-    quantize_model_gptq,
-    quantize_model_rtn,
     replace_block_linears,
 )
+from mpq_jax.quant import gptq_model
+from mpq_jax.quant.gptq_model import GptqOptions
+from mpq_jax.quant.method import WalkContext
+from mpq_jax.quant.rtn_model import quantize_model_rtn
 from mpq_jax.fingerprint import calibration_fingerprint, model_identity
 
 # (method, bits, group_size); bits/group of the FP row describe the model as loaded.
@@ -69,11 +71,9 @@ def quantize_row(model, method: str, bits: int, group_size: int, calibration, ca
     if method == "rtn":
         return quantize_model_rtn(model.params, bits, group_size)
     if method == "gptq":
-        params, _ = quantize_model_gptq(
-            model.params, model.spec, calibration, bits=bits, group_size=group_size, act_order=True,
-            static_groups=True, propagate_quantized=like_peer, hessian_cache=None if like_peer else cache,
-        )
-        return params
+        options = GptqOptions(bits=bits, group_size=group_size, act_order=True, static_groups=True, propagate_quantized=like_peer)
+        context = WalkContext(spec=model.spec, calibration=calibration, statistics=None if like_peer else cache)
+        return gptq_model.quantize_model(model.params, options, context).params
     raise ValueError(f"unknown method {method}")
 
 

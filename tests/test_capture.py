@@ -14,13 +14,13 @@ from mpq_jax.capture import (
     block_outputs,
     block_statistics,
     embed_tokens,
-    pooled_statistics,
     rope_for,
     sequential_quantize,
 )
 from mpq_jax.models.decoder import LINEAR_INPUT_OF, LINEAR_INPUTS, block_forward, linear, rms_norm
 from mpq_jax.packed.io import TENSORS_FILE
-from mpq_jax.quant.model import quantize_model_rtn
+from mpq_jax.quant.rtn_model import quantize_model_rtn
+from mpq_jax.stats import pooled_statistics
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,8 @@ def test_packed_default_model_generates_like_its_dense_weights(default_model, tm
     from mpq_jax.models import load_model
     from mpq_jax.packed.io import save_quantized
     from mpq_jax.models.spec import spec_to_dict
-    from mpq_jax.quant.model import dequantized_params, quantize_model_rtn
+    from mpq_jax.packed.params import dequantized_params
+    from mpq_jax.quant.rtn_model import quantize_model_rtn
 
     quantized = quantize_model_rtn(default_model.params, 4, 128)
     folder = tmp_path / "model"

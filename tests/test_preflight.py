@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
+import mpq_jax.pipeline as pipeline
 import mpq_jax.quantize as quantize_cli
 from mpq_jax.data.paths import CACHE_ENV
 from mpq_jax.errors import ConfigError
@@ -31,7 +32,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         pytest.fail("weights were loaded before the bad input was found")
 
-    monkeypatch.setattr(quantize_cli, "load_model", refuse)
+    monkeypatch.setattr(pipeline, "load_model", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def test_tiny_checkpoint_end_to_end(tmp_path, dtype):
     assert reloaded.params["embed_tokens"]["weight"].dtype == jnp.dtype(dtype)
     assert reloaded.spec == original.spec
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, original.spec.vocab_size, (1, 33)))
-    from mpq_jax.quant.model import quantize_model_rtn
+    from mpq_jax.quant.rtn_model import quantize_model_rtn
 
     in_memory = quantize_model_rtn(original.params, 3, 32)
     for a, b in zip(packed_leaves(in_memory), packed_leaves(reloaded.params), strict=True):
@@ -95,12 +95,13 @@ def test_default_model_rtn_4bit_cli_and_reload(tmp_path, default_model, wikitext
 
 
 def test_missing_evaluation_text_fails_before_loading(tmp_path, capsys, monkeypatch):
+    import mpq_jax.pipeline as pipeline
     import mpq_jax.quantize as cli
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the missing text was reported")
 
-    monkeypatch.setattr(cli, "load_model", must_not_load)
+    monkeypatch.setattr(pipeline, "load_model", must_not_load)
     config = tmp_path / "run.yaml"
     config.write_text(f"eval:\n  perplexity:\n    wikitext2_path: {tmp_path / 'absent.txt'}\n")
     assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2

@@ -17,7 +17,6 @@ sources into one budget; callers decide how many samples each source gets.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import zlib
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Literal
 import numpy as np
 
 from mpq_jax.data.paths import shared_dir
+from mpq_jax.data.text import read_jsonl, token_stream
 from mpq_jax.errors import ConfigError
-from mpq_jax.eval.perplexity import tokenize_text
 
 log = logging.getLogger(__name__)
 
@@ -97,27 +96,6 @@ def _source_format(source: CalibrationSource, path: Path) -> str:
     )
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    documents = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():  # a trailing or stray blank line is not a document
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{line_number}: not a JSON object ({exc.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ConfigError(
-                    f"{path}:{line_number}: no field {text_field!r}; set calibration.text_field to the key holding the text"
-                    + (f" (this record has: {', '.join(map(str, record))})" if isinstance(record, dict) else "")
-                )
-            if not isinstance(record[text_field], str):
-                raise ConfigError(f"{path}:{line_number}: field {text_field!r} is {type(record[text_field]).__name__}, not text")
-            documents.append(record[text_field])
-    return documents
-
-
 def _read_dataset(path: Path, text_field: str) -> list[str]:
     import datasets  # heavy import, only needed for this format
 
@@ -149,7 +127,7 @@ def read_documents(source: CalibrationSource) -> list[str]:
     fmt = source_format(source)
     try:
         if fmt == "jsonl":
-            return _read_jsonl(path, source.text_field)
+            return read_jsonl(path, source.text_field, "set calibration.text_field to the key holding the text")
         if fmt == "text":
             return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as exc:
@@ -185,20 +163,6 @@ def source_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}/{name}".encode())
 
 
-def _token_stream(tokenizer, documents: list[str]) -> np.ndarray:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pieces = []
-    for document in documents:
-        if not document:
-            continue
-        # Documents are separate texts: EOS between them marks the boundary the way the model
-        # saw it in pre-training, instead of running one text into the next.
-        if pieces and eos is not None:
-            pieces.append(np.asarray([eos], dtype=np.int32))
-        pieces.append(tokenize_text(tokenizer, document))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-
-
 def heldout_path(name: str) -> Path:
     """The heldout split of default source `name` (scored by perplexity, never calibrated on)."""
     (source,) = default_sources((name,))
@@ -209,7 +173,7 @@ def heldout_tokens(tokenizer, name: str) -> np.ndarray:
     """The EOS-joined token stream of default source `name`'s heldout split (for perplexity)."""
     (source,) = default_sources((name,))
     heldout = dataclasses.replace(source, path=str(heldout_path(name)))
-    return _token_stream(tokenizer, read_documents(heldout))
+    return token_stream(tokenizer, read_documents(heldout))
 
 
 def calibration_tokens(
@@ -223,7 +187,7 @@ def calibration_tokens(
     windows = {}
     for source in sources:
         documents = read_documents(source)
-        tokens = _token_stream(tokenizer, documents)
+        tokens = token_stream(tokenizer, documents)
         try:
             windows[source.name] = sample_windows(tokens, n_samples, seq_len, source_seed(seed, source.name))
         except ConfigError as exc:

@@ -49,7 +49,7 @@ from mpq_jax.errors import ConfigError
 from mpq_jax.infer import SamplingConfig, generate_steps
 from mpq_jax.models.checkpoint import LoadedModel, load_model
 from mpq_jax.models.decoder import final_hidden, lm_head_weight, target_log_probs
-from mpq_jax.quant.model import dequantized_params
+from mpq_jax.packed.params import dequantized_params
 from pallas_kernels.dispatch import kernel_backend
 
 try:

@@ -4,6 +4,8 @@ The raw test text is read as one string, tokenized once without special tokens, 
 into non-overlapping windows of `seq_len` tokens (the remainder is dropped). Each window is
 scored independently; perplexity is exp of the mean next-token NLL over every predicted
 token (seq_len - 1 per window), which equals the mean of transformers' `loss` over windows.
+Every other perplexity set (a heldout split, a user's text file: `mpq_jax.eval.suite`) is cut
+and scored the same way, by `make_windows` and `perplexity`.
 
 Not for: downstream tasks (lm-eval-harness) or generation.
 """
@@ -21,10 +23,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mpq_jax.data.paths import wikitext2_test_path
+from mpq_jax.data.text import tokenize_text
 from mpq_jax.errors import ConfigError
 from mpq_jax.models.decoder import final_hidden, lm_head_weight, next_token_nll
 from mpq_jax.models.spec import ModelSpec
-from mpq_jax.quant.model import dequantized_params
+from mpq_jax.packed.params import dequantized_params
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,6 @@ class PerplexityResult:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def tokenize_text(tokenizer, text: str) -> np.ndarray:
-    """The whole text as one int32 token stream, no BOS/EOS added."""
-    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
 
 
 def resolve_wikitext2_path(path: str | Path | None = None) -> Path:

@@ -20,9 +20,12 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from mpq_jax.config import EvalConfig
 from mpq_jax.data.calibration import heldout_path, heldout_tokens
 from mpq_jax.data.paths import cache_dir
+from mpq_jax.data.text import TEXT_FILE_SUFFIXES, names_text_file, read_jsonl, token_stream
 from mpq_jax.errors import ConfigError, EvaluationError
 from mpq_jax.eval.downstream import capability_table, default_include_path, resolve_tasks, run_tasks, task_manager, task_table
 from mpq_jax.eval.perplexity import make_windows, perplexity, resolve_wikitext2_path, wikitext2_tokens
@@ -33,13 +36,29 @@ from mpq_jax.output import atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def check_inputs(config: EvalConfig) -> None:
-    """Fail before any heavy work when an evaluation input is missing or misnamed."""
+TEXT_SET_FIELD = "text"  # the JSON key holding each text of a user's .jsonl perplexity set
+
+
+def check_inputs(config: EvalConfig, tokenizer=None) -> None:
+    """Fail before any heavy work when an evaluation input is missing or misnamed.
+
+    A user's text file set (`names_text_file`) is read here: present, UTF-8, every .jsonl line
+    a JSON object with a "text" field, and long enough for one window. With `tokenizer` the
+    length is counted in tokens, exactly; without one (pre-flight runs before any tokenizer is
+    loaded) a file of fewer UTF-8 bytes than `seq_len` is refused, since tokenizers make at most
+    about one token per byte, and a file that is longer but still short of a window is named when
+    it is tokenized for scoring.
+    """
     ppl = config.perplexity
     if ppl.enabled:
         for name in ppl.sets:
             if name == "wikitext2":
                 resolve_wikitext2_path(ppl.wikitext2_path)
+            elif names_text_file(name):
+                if tokenizer is not None:
+                    _set_windows(tokenizer, name, config)
+                else:
+                    _check_text_file_bytes(name, _text_file_documents(name), ppl.seq_len)
             elif not heldout_path(name).is_file():
                 raise ConfigError(f"eval.perplexity.sets: {name}'s heldout split {heldout_path(name)} not found")
     if config.tasks.names:
@@ -47,10 +66,66 @@ def check_inputs(config: EvalConfig) -> None:
         resolve_tasks(task_manager(config.tasks.include_path), config.tasks.names, config.tasks.allow_code_execution)
 
 
-def _set_tokens(tokenizer, name: str, config: EvalConfig):
+def _text_file_path(name: str) -> Path:
+    """The file a user's perplexity set names: `~` expanded, a relative path read from the current directory."""
+    return Path(name).expanduser()
+
+
+def _text_file_documents(name: str) -> list[str]:
+    """The texts of the user's perplexity set `name`: a .txt file is one text, a .jsonl file one
+    text per line (its "text" field)."""
+    path = _text_file_path(name)
+    where = f"eval.perplexity.sets: {name}"
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "not found"
+        relative = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+        raise ConfigError(
+            f"{where}: {path.absolute()} {problem}{relative}; give the path of a .txt or .jsonl file, or remove the set"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_FILE_SUFFIXES:
+        raise ConfigError(
+            f"{where}: cannot tell the format of {path} from its name; give a .txt file (one text) "
+            f'or a .jsonl file (one JSON object per line, its text under "{TEXT_SET_FIELD}")'
+        )
+    try:
+        if suffix == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        return read_jsonl(path, TEXT_SET_FIELD, f'put each line\'s text under the key "{TEXT_SET_FIELD}"')
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path} ({exc.strerror or exc}); make it readable") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_text_file_bytes(name: str, documents: list[str], seq_len: int) -> None:
+    # An upper bound on the token count: one per UTF-8 byte, plus the EOS between documents.
+    most_tokens = sum(len(document.encode("utf-8")) + 1 for document in documents if document) - 1
+    if most_tokens < seq_len:
+        raise ConfigError(
+            f"eval.perplexity.sets: {name}: {_text_file_path(name)} has {max(most_tokens, 0)} bytes of text, too short "
+            f"for one window of eval.perplexity.seq_len={seq_len} tokens; add text or lower eval.perplexity.seq_len"
+        )
+
+
+def _set_tokens(tokenizer, name: str, config: EvalConfig) -> np.ndarray:
     if name == "wikitext2":
         return wikitext2_tokens(tokenizer, config.perplexity.wikitext2_path)
+    if names_text_file(name):
+        return token_stream(tokenizer, _text_file_documents(name))
     return heldout_tokens(tokenizer, name)
+
+
+def _set_windows(tokenizer, name: str, config: EvalConfig) -> np.ndarray:
+    """[n, seq_len] windows of perplexity set `name`: every set is cut as WikiText-2 is (`make_windows`)."""
+    ppl = config.perplexity
+    tokens = _set_tokens(tokenizer, name, config)
+    try:
+        return make_windows(tokens, ppl.seq_len, ppl.max_windows)
+    except ConfigError as exc:
+        raise ConfigError(f"eval.perplexity.sets: {name}: {exc}; add text or lower eval.perplexity.seq_len") from None
 
 
 def evaluate(params: dict, model: LoadedModel, config: EvalConfig, label: str = "model") -> dict:
@@ -66,7 +141,7 @@ def evaluate(params: dict, model: LoadedModel, config: EvalConfig, label: str = 
     if ppl.enabled:
         for name in ppl.sets:
             start = time.perf_counter()
-            windows = make_windows(_set_tokens(model.tokenizer, name, config), ppl.seq_len, ppl.max_windows)
+            windows = _set_windows(model.tokenizer, name, config)
             outcome = perplexity(params, model.spec, windows, batch_size=ppl.batch_size, desc=f"{label} ppl {name}")
             _refuse_non_finite(f"{label} perplexity on {name}", outcome.mean_nll, "mean log-likelihood")
             result["perplexity"][name] = outcome.to_json()
@@ -113,7 +188,12 @@ def eval_data_files(config: EvalConfig) -> list[Path]:
     ppl = config.perplexity
     if ppl.enabled:
         for name in ppl.sets:
-            files.append(resolve_wikitext2_path(ppl.wikitext2_path) if name == "wikitext2" else heldout_path(name))
+            if name == "wikitext2":
+                files.append(resolve_wikitext2_path(ppl.wikitext2_path))
+            elif names_text_file(name):
+                files.append(_text_file_path(name))
+            else:
+                files.append(heldout_path(name))
     if config.tasks.names:
         files += folder_files(config.tasks.include_path or default_include_path())
     return files

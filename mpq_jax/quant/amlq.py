@@ -48,13 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpq_jax.allocate import Candidate
-from mpq_jax.capture import InputStats
+from mpq_jax.stats import InputStats
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, storage_bits
 from mpq_jax.quant.awq import DEFAULT_ALPHA_GRID, channel_scales
 from mpq_jax.quant.gptq import InverseFactor, gptq_quantize, inverse_factor
 from mpq_jax.quant.grid import dequantize_codes
 from mpq_jax.quant.lowrank import covariance_root, deltas_by_rank, error_spectrum, output_error_pca, rank_for_budget
 from mpq_jax.quant.rtn import rtn_codes
+from mpq_jax.quant.saliency import column_saliency
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
 ALLOWED_GROUP_SIZES = (32, 64, 128)
@@ -189,7 +190,7 @@ def column_importance(w_s, hessian_s, factor: InverseFactor) -> np.ndarray:
     upper = np.asarray(factor.upper, np.float64)
     inv_diag = np.empty(upper.shape[0])
     inv_diag[factor.perm] = np.sum(upper**2, axis=0)
-    importance = np.sum(np.asarray(w_s, np.float64) ** 2, axis=0) / inv_diag**2
+    importance = column_saliency(w_s, inv_diag)  # eq. 4 summed over rows
     importance[np.diag(np.asarray(hessian_s)) == 0] = -1.0
     return importance
 

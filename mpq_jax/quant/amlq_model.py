@@ -11,6 +11,7 @@
    the PCA terms computed from the cached statistics.
 
 One measurement serves any number of budgets and both methods (scripts/bench_amlq.py).
+`quantize_model` runs the three in order: the walk every method has (mpq_jax.quant.method).
 
 Not here: per-layer math (amlq.py), the knapsack (allocate.py), I/O and reports.
 """
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from mpq_jax.allocate import Candidate, bpw_range, greedy_allocate
-from mpq_jax.capture import HessianCache, fill_hessian_cache, pooled_statistics
+from mpq_jax.capture import HessianCache, fill_hessian_cache
 from mpq_jax.errors import ConfigError
 from mpq_jax.models.decoder import LINEAR_INPUT_OF
 from mpq_jax.models.spec import BLOCK_LINEARS, ModelSpec
@@ -38,10 +40,13 @@ from mpq_jax.quant.amlq import (
     layer_summary,
     measure_layer,
     preset_storage_bits,
+    presets_from_config,
     reachable_bits,
 )
 from mpq_jax.quant.awq import DEFAULT_ALPHA_GRID
+from mpq_jax.quant.method import LayerNote, QuantizedModel, WalkContext
 from mpq_jax.quant.model import linear_name
+from mpq_jax.stats import pooled_statistics
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,11 @@ def check_target_reachable(spec: ModelSpec, target_bpw: float, presets: Sequence
         )
     if target_bpw > high:
         log.warning("target BPW %.3f is above the most these presets store (about %.3f): every layer will get its best", target_bpw, high)
+
+
+def check_options(spec: ModelSpec, options: "AmlqOptions") -> None:
+    """Pre-flight: the budget against what the presets can reach on these layer shapes."""
+    check_target_reachable(spec, options.target_bpw, options.presets, options.lowrank_bpw if options.lowrank else None)
 
 
 def measure_model(
@@ -180,3 +190,92 @@ def build_model(
             rows.append(layer_summary(plan, choice, measurement.presets))
         layers.append(new_layer)
     return {**params, "layers": layers}, rows
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AmlqOptions:
+    target_bpw: float  # average stored bits per block-linear weight, everything counted
+    lowrank: bool = True  # AMLQ (with the PCA low-rank term) or AMQ (without)
+    presets: tuple[Preset, ...] = DEFAULT_PRESETS  # mixed-precision recipes q_j
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID  # AWQ strengths searched per layer
+    lowrank_bpw: tuple[float, ...] = DEFAULT_LOWRANK_BPW  # rank sets as extra BPW per layer (AMLQ only)
+    percdamp: float = 0.01  # GPTQ damping, relative to mean(diag H)
+    keep_candidates: bool = True  # keep every preset's GPTQ layer in host memory instead of recomputing
+
+    @classmethod
+    def from_config(cls, q) -> "AmlqOptions":
+        a = q.amlq
+        return cls(
+            target_bpw=a.target_bpw,
+            lowrank=a.lowrank,
+            presets=presets_from_config(a.presets),
+            alpha_grid=tuple(a.alpha_grid or DEFAULT_ALPHA_GRID),
+            lowrank_bpw=tuple(a.lowrank_bpw or DEFAULT_LOWRANK_BPW),
+            percdamp=q.percdamp,
+            keep_candidates=a.keep_candidates,
+        )
+
+    def describe(self) -> str:
+        kind = "AMLQ" if self.lowrank else "AMQ, no low-rank term"
+        return f"{kind}, target {self.target_bpw} bits per weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class AmlqNote(LayerNote):
+    """The candidate AMLQ chose for one layer (report.json keys carry an `amlq_` prefix)."""
+
+    preset: str  # bits mix and group size
+    mean_code_bits: float  # the preset's mean code width
+    group_size: int
+    alpha: float  # AWQ strength
+    rank: int | None  # low-rank rank; None = no term (AMQ)
+    delta: float  # sensitivity δ of the chosen candidate
+    dense_share: float  # share of groups kept in fp16
+
+    def to_json(self) -> dict:
+        return {f"amlq_{key}": value for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def report_section(cls, layers: list[dict], summary: dict, folder: Path) -> list[str]:
+        from mpq_jax.report import plot_amlq
+
+        plot_amlq(layers, folder)
+        lines = [
+            "",
+            "## AMLQ choices",
+            "",
+            "![bits and rank per block](amlq_allocation.png)",
+            "",
+            "![sensitivity per layer](amlq_delta.png)",
+            "",
+            "| layer | preset (bits mix, group) | α | rank | bits/weight | δ |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        return lines + [
+            f"| {s['name']} | {s['amlq_preset']} | {s['amlq_alpha']:.2f} | {'-' if s['amlq_rank'] is None else s['amlq_rank']} "
+            f"| {s['bits_per_weight']:.3f} | {s['amlq_delta']:.3g} |"
+            for s in layers
+        ]
+
+
+def quantize_model(params: dict, options: AmlqOptions, context: WalkContext) -> QuantizedModel:
+    """Measure every candidate, allocate under the budget, build (see the module docstring)."""
+    measurement = measure_model(
+        params,
+        context.spec,
+        context.calibration,
+        context.statistics,
+        presets=options.presets,
+        alpha_grid=options.alpha_grid,
+        lowrank_bpw=options.lowrank_bpw if options.lowrank else None,
+        percdamp=options.percdamp,
+        keep=options.keep_candidates,
+        progress=context.progress,
+    )
+    choices = allocate_model(measurement, options.target_bpw, options.lowrank)
+    quantized, rows = build_model(
+        params, context.spec, context.calibration, context.statistics, measurement, choices,
+        percdamp=options.percdamp, progress=context.progress,
+    )
+    fields = [f.name for f in dataclasses.fields(AmlqNote)]
+    return QuantizedModel(quantized, {row["name"]: AmlqNote(**{k: row[k] for k in fields}) for row in rows})

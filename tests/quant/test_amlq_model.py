@@ -63,7 +63,9 @@ def test_real_model_measure_allocate_build(default_model, wikitext_tokens, tmp_p
     from mpq_jax.eval.perplexity import make_windows, perplexity
     from mpq_jax.quant.amlq import Preset
     from mpq_jax.quant.amlq_model import allocate_model, build_model, measure_model
-    from mpq_jax.quant.model import average_bits_per_weight, linear_stats, quantize_model_gptq
+    from mpq_jax.quant.gptq_model import GptqOptions, quantize_model
+    from mpq_jax.quant.method import WalkContext
+    from mpq_jax.quant.model import average_bits_per_weight, linear_stats
 
     model = default_model
     calibration = calibration_tokens(model.tokenizer, default_sources(["wikipedia"]), 8, 256, seed=0)
@@ -85,7 +87,8 @@ def test_real_model_measure_allocate_build(default_model, wikitext_tokens, tmp_p
         results[method] = (sum(c.loss for c in choices), perplexity(params, model.spec, windows, progress=False).ppl)
     # AMLQ's options include AMQ's, so its summed δ is no larger (greedy, so allow a hair).
     assert results["amlq"][0] <= results["amq"][0] * 1.001
-    gptq2, _ = quantize_model_gptq(model.params, model.spec, calibration, bits=2, group_size=128, propagate_quantized=False, hessian_cache=cache)
+    context = WalkContext(spec=model.spec, calibration=calibration, statistics=cache)
+    gptq2 = quantize_model(model.params, GptqOptions(bits=2, group_size=128, propagate_quantized=False), context).params
     ppl_2bit = perplexity(gptq2, model.spec, windows, progress=False).ppl
     # Half the layers at 4 bits, chosen by δ, are far better than every layer at 2 bits.
     assert max(results["amq"][1], results["amlq"][1]) < ppl_2bit / 10

@@ -8,13 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpq_jax.capture import pooled_statistics, sequential_quantize
+from mpq_jax.capture import sequential_quantize
+from mpq_jax.quant.gptq_model import GptqOptions, quantize_model
+from mpq_jax.quant.method import WalkContext
+from mpq_jax.stats import pooled_statistics
 from mpq_jax.models import forward
 from mpq_jax.models.decoder import LINEAR_INPUT_OF
 from mpq_jax.packed.io import load_quantized, save_quantized
 from mpq_jax.packed.qlinear import QuantizedLinear
 from mpq_jax.quant.gptq import layer_loss
-from mpq_jax.quant.model import iter_block_linears, quantize_model_gptq
+from mpq_jax.quant.model import iter_block_linears
 from mpq_jax.quant.rtn import rtn_quantize
 
 
@@ -27,7 +30,8 @@ def test_gptq_pipeline_on_tiny_models(family, tmp_path):
     model = load_model(tmp_path / "src", with_tokenizer=False)
     rng = np.random.default_rng(0)
     calibration = {"a": rng.integers(0, model.spec.vocab_size, (4, 32)).astype(np.int32)}
-    quantized, losses = quantize_model_gptq(model.params, model.spec, calibration, bits=3, group_size=32)
+    result = quantize_model(model.params, GptqOptions(bits=3, group_size=32), WalkContext(spec=model.spec, calibration=calibration))
+    quantized, losses = result.params, {name: note.loss for name, note in result.notes.items()}
     linears = list(iter_block_linears(quantized))
     assert all(isinstance(layer, QuantizedLinear) for *_, layer in linears)
     assert set(losses) == {name for name, *_ in linears}
@@ -62,10 +66,11 @@ def test_gptq_beats_rtn_at_3_bits_on_smollm2(default_model, wikitext_tokens, sha
     fast) has lower WikiText-2 perplexity than RTN at the same bits and groups."""
     from mpq_jax.data.calibration import calibration_tokens, default_sources
     from mpq_jax.eval.perplexity import make_windows, perplexity
-    from mpq_jax.quant.model import quantize_model_rtn
+    from mpq_jax.quant.rtn_model import quantize_model_rtn
 
     calibration = calibration_tokens(default_model.tokenizer, default_sources(["wikipedia"]), 32, 256, seed=0)
-    gptq, _ = quantize_model_gptq(default_model.params, default_model.spec, calibration, bits=3, group_size=64)
+    context = WalkContext(spec=default_model.spec, calibration=calibration)
+    gptq = quantize_model(default_model.params, GptqOptions(bits=3, group_size=64), context).params
     windows = make_windows(wikitext_tokens, 512, max_windows=2)
     gptq_ppl = perplexity(gptq, default_model.spec, windows, progress=False).ppl
     rtn_ppl = perplexity(quantize_model_rtn(default_model.params, 3, 64), default_model.spec, windows, progress=False).ppl

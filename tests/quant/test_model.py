@@ -9,13 +9,13 @@ import pytest
 
 from mpq_jax.models import forward
 from mpq_jax.packed.qlinear import QuantizedLinear, storage_bits
+from mpq_jax.packed.params import dequantized_params
 from mpq_jax.quant.model import (
     average_bits_per_weight,
-    dequantized_params,
     iter_block_linears,
     linear_stats,
-    quantize_model_rtn,
 )
+from mpq_jax.quant.rtn_model import quantize_model_rtn
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,172 @@
+"""The stages of a quantization job, in the order they run, and the one place where the run
+configuration meets the plain arguments of the stages:
+
+    check   pre-flight: output folder, model, tokenizer, calibration and evaluation inputs,
+            budgets, all before any weights are read (mpq_jax.preflight)
+    load    tokenizer, calibration tokens (before the weights: a short source fails in
+            seconds), the model's content identity, then the weights
+    quantize  the configured method's walk (mpq_jax.quant.registry), with the shared cache of
+            the unquantized model's input statistics and resume checkpoints keyed by
+            mpq_jax.fingerprint
+    save    the packed model, before evaluating: a failed evaluation keeps it
+    evaluate  perplexity sets and lm-eval tasks beside the FP baseline (mpq_jax.eval.suite)
+    report  report.json, report.md and the plots (mpq_jax.report)
+
+`mpq_jax.quantize` is the command line around `run`. Benchmarks call the stages directly.
+
+Not for: the methods themselves (mpq_jax.quant) or evaluation internals (mpq_jax.eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mpq_jax.capture import HessianCache
+from mpq_jax.config import RunConfig, config_to_dict
+from mpq_jax.data.calibration import calibration_tokens, sources_from_config
+from mpq_jax.data.paths import cache_dir
+from mpq_jax.errors import MpqError
+from mpq_jax.eval.suite import compare, evaluate, fp_baseline
+from mpq_jax.fingerprint import calibration_fingerprint, model_identity, run_fingerprint
+from mpq_jax.models.checkpoint import LoadedModel, load_model, load_tokenizer
+from mpq_jax.models.spec import spec_to_dict
+from mpq_jax.packed.io import save_quantized
+from mpq_jax.preflight import CheckedModel, check_run
+from mpq_jax.quant.method import QuantizedModel, WalkContext
+from mpq_jax.quant.model import average_bits_per_weight, linear_stats
+from mpq_jax.quant.registry import method_named
+from mpq_jax.report import write_report
+
+log = logging.getLogger("mpq_jax")
+
+
+def calibration_for(tokenizer, config: RunConfig) -> dict[str, np.ndarray] | None:
+    """The calibration windows per source for a method that reads them, else None."""
+    if not method_named(config.quantization.method).calibrated:
+        return None
+    cal = config.calibration
+    return calibration_tokens(tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
+
+
+def load_inputs(config: RunConfig, checked: CheckedModel) -> tuple[LoadedModel, dict | None, dict]:
+    """(model, calibration tokens or None, model identity), the calibration text tokenized
+    before the weights are read, so that a source too short for n_samples x seq_len fails
+    in seconds rather than after loading."""
+    tokenizer = load_tokenizer(checked.path)
+    calibration = calibration_for(tokenizer, config)
+    identity = model_identity(checked.path, config.dtype)
+    model = load_model(checked.path, dtype=config.dtype, with_tokenizer=False)
+    return dataclasses.replace(model, tokenizer=tokenizer), calibration, identity
+
+
+def statistics_cache(identity: dict, calibration: dict[str, np.ndarray]) -> HessianCache:
+    """The disk cache of the unquantized model's input statistics for this calibration:
+    they do not depend on the quantization settings, so every run and method shares them."""
+    return HessianCache(cache_dir() / "hessians", calibration_fingerprint(identity, calibration))
+
+
+def quantize_params(
+    model: LoadedModel, config: RunConfig, output_dir: Path, calibration: dict | None, identity: dict
+) -> QuantizedModel:
+    """The quantization stage: the configured method's walk on the loaded model.
+
+    `calibration` holds the calibration tokens of methods that need them; `identity` is the
+    model's content fingerprint (`mpq_jax.fingerprint.model_identity`), which keys the
+    statistics cache and the resume checkpoints (kept in output_dir/.resume while running)."""
+    method = method_named(config.quantization.method)
+    resume_dir = output_dir / ".resume"
+    context = WalkContext(
+        spec=model.spec,
+        calibration=calibration,
+        statistics=None if calibration is None else statistics_cache(identity, calibration),
+        resume_dir=resume_dir,
+        fingerprint="" if calibration is None else run_fingerprint(identity, config.quantization, config.calibration, calibration),
+        output_dir=output_dir,
+    )
+    result = method.quantize_model(model.params, method.options(config.quantization), context)
+    shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the block checkpoints are spent
+    return result
+
+
+def run(config: RunConfig, output_dir: Path) -> dict:
+    """Run every stage; returns the report dict (also written to output_dir)."""
+    timings: dict[str, float] = {}
+    # Everything that can be checked in seconds, before minutes go into loading and quantizing.
+    checked = check_run(config, output_dir)
+    start = time.perf_counter()
+    model, calibration, identity = load_inputs(config, checked)
+    timings["load"] = time.perf_counter() - start
+    log.info("loaded %s: %s, %d layers", model.source, model.spec.family, model.spec.num_layers)
+
+    start = time.perf_counter()
+    method = method_named(config.quantization.method)
+    result = quantize_params(model, config, output_dir, calibration, identity)
+    params = result.params
+    timings["quantize"] = time.perf_counter() - start
+    stats = linear_stats(model.params, params)
+    report: dict = {
+        "model": model.source,
+        "method": config.quantization.method,
+        "method_detail": method.options(config.quantization).describe(),
+        "bits_per_weight": average_bits_per_weight(stats),
+        "config": config_to_dict(config),
+        "layers": [{**s.to_json(), **(result.notes[s.name].to_json() if s.name in result.notes else {})} for s in stats],
+    }
+    if result.summary:
+        report[config.quantization.method] = result.summary
+
+    # Saved before evaluating: an evaluation that fails does not take the quantized model with it.
+    packed_dir = output_dir / "model"
+    if config.save_model:
+        start = time.perf_counter()
+        save_packed_model(packed_dir, params, model, config)
+        timings["save"] = time.perf_counter() - start
+        report["packed_model"] = str(packed_dir)
+    elif packed_dir.is_dir():
+        # A report must never sit beside a model that another run wrote.
+        log.info("save_model is false: removing the earlier run's %s", packed_dir)
+        shutil.rmtree(packed_dir)
+
+    start = time.perf_counter()
+    try:
+        report.update(evaluation_report(params, model, config, identity))
+    except MpqError as exc:
+        if config.save_model:
+            raise type(exc)(f"{exc} (the quantized model is saved in {packed_dir})") from None
+        raise
+    timings["evaluate"] = time.perf_counter() - start
+    report["seconds"] = timings
+    write_report(output_dir, report, method.note_type)
+    return report
+
+
+def save_packed_model(folder: Path, params: dict, model: LoadedModel, config: RunConfig) -> None:
+    metadata = {
+        "spec": spec_to_dict(model.spec),
+        "hf_config": model.hf_config,
+        "source": model.source,
+        "run_config": config_to_dict(config),
+    }
+    # The tokenizer travels with the packed model so that it loads on its own.
+    save_tokenizer = None if model.tokenizer is None else (lambda tmp: model.tokenizer.save_pretrained(str(tmp)))
+    save_quantized(folder, params, metadata, extra_files=save_tokenizer)
+
+
+def evaluation_report(params: dict, model: LoadedModel, config: RunConfig, identity: dict) -> dict:
+    """The report's evaluation entries: `perplexity` (WikiText-2, when scored) and `eval`
+    (every perplexity set and task, for this model and, unless it is the unquantized model
+    itself or compare_fp is off, for the FP baseline, side by side)."""
+    evaluation = evaluate(params, model, config.eval, label=config.quantization.method)
+    fp = None
+    if config.eval.compare_fp and config.quantization.method != "none" and (evaluation["perplexity"] or evaluation["tasks"]):
+        fp = fp_baseline(model, config.eval, identity)
+    entries: dict = {"eval": compare(evaluation, fp)}
+    if "wikitext2" in evaluation["perplexity"]:
+        entries["perplexity"] = evaluation["perplexity"]["wikitext2"]
+    return entries
