@@ -96,7 +96,6 @@ def test_default_model_rtn_4bit_cli_and_reload(tmp_path, default_model, wikitext
 
 def test_missing_evaluation_text_fails_before_loading(tmp_path, capsys, monkeypatch):
     import mpq_jax.pipeline as pipeline
-    import mpq_jax.quantize as cli
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the missing text was reported")

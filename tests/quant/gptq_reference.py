@@ -5,8 +5,9 @@ column at once. Same conventions as `mpq_jax.quant.gptq`: dead inputs pinned, re
 damping with 10x retries, column order (perm > act-order > identity), per-group bits in
 processing order (16 = kept dense in fp16) with grids from the error-updated columns, or
 (static_groups, as the GPTQ reference code) groups of consecutive ORIGINAL columns with
-grids from the original W, bits indexed by original group; scales rounded to fp16 before
-quantizing. No JAX here.
+grids from the original W, bits indexed by original group, or (runs) groups inside runs of
+processed columns, each run with one bit width and cut into groups from its own first
+column, the last of a run shorter; scales rounded to fp16 before quantizing. No JAX here.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def fp16_margin(scale):
 
 
 def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=False, static_groups=False,
-                   symmetric=False, percdamp=0.01, max_retries=4):
-    """Returns (Ŵ [out, in] original order, loss, damping, err, margin), the last two
+                   symmetric=False, percdamp=0.01, max_retries=4, runs=None):
+    """runs: (n_cols, bits) runs of processed columns, instead of group_bits (see the
+    module docstring). Returns (Ŵ [out, in] original order, loss, damping, err, margin), the last two
     [out, in] in processing (permuted) order:
 
     err[:, j] = updated W[:, j] - Q[:, j], the quantization error of processed column j;
@@ -87,13 +89,20 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
     else:
         raise ValueError("no Cholesky factor")
 
+    if runs is None:
+        runs = [(min(group_size, n_in - g0), int(b)) for g0, b in zip(range(0, n_in, group_size), group_bits)]
+    # (first column, stop column, bits) of each processed column's group, without static groups
+    group_of = [group for group in run_groups(runs, group_size) for _ in range(group[1] - group[0])]
+
     Q = np.zeros_like(W)
     err = np.zeros_like(W)
     margin = np.full_like(W, np.inf)
     for j in range(n_in):
-        g = perm[j] // group_size if static_groups else j // group_size
-        bits = int(group_bits[g])
-        g0, g1 = g * group_size, min((g + 1) * group_size, n_in)
+        if static_groups:
+            g = perm[j] // group_size
+            bits = int(group_bits[g])
+        else:
+            g0, g1, bits = group_of[j]
         if bits == 16:
             q = W[:, j].astype(np.float16).astype(np.float64)
         else:
@@ -115,6 +124,15 @@ def reference_gptq(w, hessian, group_bits, group_size, *, perm=None, act_order=F
     D = np.asarray(w, np.float64) - w_hat
     loss = float(np.sum((D @ np.asarray(hessian, np.float64)) * D))
     return w_hat, loss, damping, err, margin
+
+
+def run_groups(runs, group_size):
+    """(first column, stop column, bits) of each group of (n_cols, bits) runs, in order."""
+    groups, start = [], 0
+    for n_cols, bits in runs:
+        groups += [(g0, min(g0 + group_size, start + n_cols), bits) for g0 in range(start, start + n_cols, group_size)]
+        start += n_cols
+    return groups
 
 
 def processing_order(hessian, perm=None, act_order=False):

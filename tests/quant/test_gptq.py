@@ -23,6 +23,8 @@ roundings), past 1e-4 in 1 of 180 ("mixed", seed 13: 1.8e-4, a group's fp16 scal
 is argued from float32: a column reaches its rounding through ~in rank-1 updates using
 Hinv, which itself carries float32 error amplified by cond(H + damping) (2e3 to 4e3 here),
 so |w / scale| ≲ 4 is good to ~1e-4 code units; TIE_WINDOW = 1e-3 leaves a 10x margin.
+Runs (column classes of any length, groups cut from each run's start) are held to the same
+comparison: the arithmetic, hence the argument, is the same.
 """
 
 import logging
@@ -31,7 +33,7 @@ import numpy as np
 import pytest
 
 from mpq_jax.packed.planes import n_blocks
-from mpq_jax.packed.qlinear import bits_per_weight
+from mpq_jax.packed.qlinear import bits_per_weight, storage_bits
 from mpq_jax.quant import gptq
 from mpq_jax.quant.gptq import gptq_quantize, layer_loss
 from mpq_jax.quant.rtn import rtn_quantize
@@ -53,12 +55,14 @@ def problem(seed, n_in=320, dead=()):
     return W, 2 * X @ X.T / N_TOKENS
 
 
-def assert_matches_reference(W, H, bits, **kw):
+def assert_matches_reference(W, H, bits, every_row=False, **kw):
+    """every_row: inspect the rows that differ even when the losses agree to LOSS_RTOL (a
+    wrong grid on one short group can move the loss by less than that)."""
     result = gptq_quantize(W, H, bits, GROUP, **kw)
     ref_w_hat, ref_loss, ref_damping, _, margin = reference_gptq(W, H, bits, GROUP, **kw)
     assert result.damping == ref_damping
     rel = abs(result.loss - ref_loss) / ref_loss
-    if rel > LOSS_RTOL:
+    if rel > LOSS_RTOL or every_row:
         # Rows are independent in GPTQ, and equal decisions give bit-equal Ŵ (grid values and
         # fp16 numbers are exact in float32), so each row that differs must part at a rounding
         # that float32 may take the other way.
@@ -205,6 +209,105 @@ def test_bias_passes_through():
 def test_invalid_inputs_name_the_argument(args, kw, field):
     with pytest.raises(ValueError, match=field):
         gptq_quantize(*args, GROUP, **kw)
+
+
+# (n_in, runs, extra arguments): runs of permuted columns cut into groups of GROUP from each
+# run's start, so groups start off the multiples of GROUP and runs end mid-group. In
+# "dense_last" and "symmetric_dead" a quantized group starts within GROUP columns of the
+# block-padded width: without the extra padding its grid window would be clamped back
+# (measured: then 6 of these 12 tests fail; masking to n_in or starting groups at multiples
+# of GROUP fails all 12).
+RUNS = {
+    "dense_first": (200, [(5, 16), (70, 3), (125, 2)], {}),  # groups 64 + 6, 64 + 61
+    "dense_last": (250, [(90, 4), (155, 2), (5, 16)], {}),  # last 2-bit group 27 columns, at 218 of 256
+    "short_runs": (200, [(10, 3), (3, 16), (40, 2), (64, 4), (83, 3)], {}),  # runs shorter than a group
+    "symmetric_dead": (256, [(100, 3), (6, 16), (150, 2)], dict(symmetric=True, dead=(3, 150))),  # a group at 234
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", RUNS)
+def test_runs_match_reference(name, seed):
+    n_in, runs, kw = RUNS[name]
+    kw = dict(kw)
+    W, H = problem(60 + 10 * seed + list(RUNS).index(name), n_in, dead=kw.pop("dead", ()))
+    perm = np.random.default_rng(seed).permutation(n_in)
+    result = assert_matches_reference(W, H, None, every_row=True, perm=perm, runs=runs, **kw)
+    assert [(seg.n_cols, seg.bits) for seg in result.qlinear.segments] == runs  # one segment per run
+
+
+@pytest.mark.parametrize(
+    "n_in, bits, runs",
+    [
+        (320, [3, 3, 4, 16, 2], [(128, 3), (64, 4), (64, 16), (64, 2)]),
+        (200, [16, 3, 2, 4], [(64, 16), (64, 3), (64, 2), (8, 4)]),  # last group 8 columns
+    ],
+)
+def test_runs_of_whole_groups_are_the_group_bits_path_bit_for_bit(n_in, bits, runs):
+    # Another program (group bounds from the host, fewer slots), the same arithmetic.
+    W, H = problem(12, n_in)
+    perm = np.random.default_rng(12).permutation(n_in)
+    args = (GROUP, perm, False, False, False, 0.01, 128)
+    by_groups = gptq._quantize_columns(W, H, bits, *args)
+    by_runs = gptq._quantize_columns(W, H, None, *args, runs=runs)
+    for a, b in zip(by_groups, by_runs):  # perm, Q, codes, scale, zero, damping
+        np.testing.assert_array_equal(a, b)
+    ql_groups = gptq_quantize(W, H, bits, GROUP, perm=perm).qlinear
+    ql_runs = gptq_quantize(W, H, None, GROUP, perm=perm, runs=runs).qlinear
+    layout = [(s.start, s.stop, s.bits, s.group_size) for s in ql_groups.segments]
+    assert layout == [(s.start, s.stop, s.bits, s.group_size) for s in ql_runs.segments]
+    for s, t in zip(ql_groups.segments, ql_runs.segments):
+        for a, b in ((s.codes, t.codes), (s.scale, t.scale), (s.zero, t.zero), (s.dense, t.dense)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_runs_effective_weight_is_the_loop_w_hat_bit_for_bit():
+    W, H = problem(13, n_in=200)
+    perm = np.random.default_rng(13).permutation(200)
+    runs = [(7, 16), (130, 3), (63, 2)]
+    _, Q, *_ = gptq._quantize_columns(W, H, None, GROUP, perm, False, False, False, 0.01, 128, runs=runs)
+    result = gptq_quantize(W, H, None, GROUP, perm=perm, runs=runs)
+    w_hat = np.empty_like(Q)
+    w_hat[:, perm] = Q
+    np.testing.assert_array_equal(np.asarray(result.qlinear.effective_weight()), w_hat)
+    assert result.loss == layer_loss(W, w_hat, H)
+
+
+def test_runs_storage_is_the_sum_over_segments():
+    W, H = problem(14, n_in=200)
+    runs = [(11, 16), (70, 3), (119, 2)]  # 3-bit groups of 64 + 6 columns, 2-bit 64 + 55
+    ql = gptq_quantize(W, H, None, GROUP, perm=np.arange(200), runs=runs).qlinear
+    assert [(s.start, s.stop, s.bits) for s in ql.segments] == [(0, 11, 16), (11, 81, 3), (81, 200, 2)]
+    expected = (
+        16 * OUT * 11
+        + 32 * 3 * n_blocks(70) * OUT + (16 + 8) * OUT * 2  # codes, fp16 scales, uint8 zeros
+        + 32 * 2 * n_blocks(119) * OUT + (16 + 8) * OUT * 2
+    )
+    assert storage_bits(ql) == expected
+
+
+@pytest.mark.parametrize(
+    "bits, kw, field",
+    [
+        ([4] * 4, dict(runs=[(200, 4)]), "group_bits"),
+        (None, dict(runs=[(200, 4)], perm=None), "perm"),
+        (None, dict(runs=[(200, 4)], static_groups=True), "static_groups"),
+        (None, dict(runs=[(0, 4), (200, 4)]), "runs"),
+        (None, dict(runs=[(100, 4), (100, 9)]), "runs"),
+        (None, dict(runs=[(100, 1), (100, 4)]), "runs"),
+        (None, dict(runs=[(100, 4), (99, 4)]), "runs"),
+        (None, dict(runs=[(100.0, 4), (100, 4)]), "runs"),
+        (None, dict(runs=[(200, 4, 1)]), "runs"),
+        (None, dict(runs=[]), "runs"),
+    ],
+)
+def test_invalid_runs_name_the_argument(bits, kw, field):
+    kw = dict(perm=np.arange(200)) | kw
+    with pytest.raises(ValueError, match=field) as excinfo:
+        gptq_quantize(np.zeros((4, 200)), np.eye(200), bits, GROUP, **kw)
+    assert "runs" in str(excinfo.value)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
