@@ -40,10 +40,30 @@ class AmlqConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TammpConfig:
+    # strategy1: critical = ∩ of the sources' critical columns (fp16), sub-critical = rest of their ∪ (3-bit),
+    # the remainder 2-bit; strategy2: critical as before, non-critical = ∪ of non-critical columns (2-bit), the rest
+    # 3-bit; smp: one source's critical columns fp16, the rest 2-bit; sorted: columns by pooled saliency, the top
+    # `critical_share` fp16 and widths 2/3/4 in importance order averaging `target_bits` (codes only)
+    strategy: Literal["strategy1", "strategy2", "smp", "sorted"] = "strategy1"
+    sources: tuple[str, ...] | None = None  # calibration sources probed apart (default: all of calibration.sources; smp: one)
+    topk: int = 10  # most critical (and non-critical) candidate columns per block of block_size columns
+    block_size: int = 128  # β: input columns per probing block (Algorithm 1)
+    saliency: Literal["inverse", "cholesky"] = "inverse"  # [H⁻¹]ᵢᵢ as eq. 4 writes, or BiLLM's Cholesky-factor diagonal
+    thresholds: tuple[int, ...] | None = None  # p values of the compactness table (default 1..number of sources)
+    resamples: int = 0  # > 1: also intra-source compactness over this many disjoint resamples of each source
+    group_size: int = 128  # columns sharing one scale/zero inside the 3-bit and 2-bit classes
+    dense_position: Literal["last", "first"] = "last"  # where GPTQ processes the fp16 columns
+    target_bits: float = 3.0  # sorted: mean code bits, in (2 + 14 * critical_share, 4]
+    critical_share: float = 0.01  # sorted: share of columns kept in fp16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizationConfig:
     # none: keep the model as loaded; rtn: round-to-nearest; gptq: GPTQ on calibration Hessians;
-    # amlq: AMLQ/AMQ mixed precision under a BPW budget (section `amlq`)
-    method: Literal["none", "rtn", "gptq", "amlq"] = "rtn"
+    # amlq: AMLQ/AMQ mixed precision under a BPW budget (section `amlq`); tammp: TAMMP's
+    # multi-source critical columns, fp16 / 3-bit / 2-bit (section `tammp`)
+    method: Literal["none", "rtn", "gptq", "amlq", "tammp"] = "rtn"
     bits: int = 4  # bit width of every block linear (2..8)
     group_size: int = 128  # input columns sharing one scale/zero; the last group may be shorter
     symmetric: bool = False  # symmetric grid (zero fixed at 2^(bits-1)) instead of min-max
@@ -54,6 +74,7 @@ class QuantizationConfig:
     # quantization settings, so they are cached on disk (MPQ_CACHE_DIR) and shared across runs
     propagate: Literal["quantized", "fp"] = "quantized"
     amlq: AmlqConfig = dataclasses.field(default_factory=AmlqConfig)  # method amlq only (always fp statistics)
+    tammp: TammpConfig = dataclasses.field(default_factory=TammpConfig)  # method tammp only (always fp statistics)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -173,6 +194,8 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"quantization.bits: {q.bits} is out of range; {q.method} supports 2..8")
     if q.method == "amlq":
         _validate_amlq(q.amlq)
+    if q.method == "tammp":
+        _validate_tammp(q.tammp, config.calibration.sources, config.calibration.n_samples)
     if not q.percdamp > 0:
         raise ConfigError(f"quantization.percdamp: must be positive, got {q.percdamp}")
     cal = config.calibration
@@ -224,6 +247,48 @@ def _validate_amlq(a: AmlqConfig) -> None:
         raise ConfigError("quantization.amlq.alpha_grid: give one or more strengths in [0, 1]")
     if a.lowrank_bpw is not None and any(not x > 0 for x in a.lowrank_bpw):
         raise ConfigError("quantization.amlq.lowrank_bpw: extra bits per weight must be positive")
+
+
+def _validate_tammp(t: TammpConfig, calibration_sources: tuple[str, ...], n_samples: int) -> None:
+    where = "quantization.tammp"
+    sources = t.sources if t.sources is not None else calibration_sources
+    unknown = [s for s in sources if s not in calibration_sources]
+    if unknown:
+        raise ConfigError(
+            f"{where}.sources: {', '.join(unknown)} not in calibration.sources ({', '.join(calibration_sources)}); "
+            "add them there or remove them here"
+        )
+    if len(set(sources)) != len(sources) or not sources:
+        raise ConfigError(f"{where}.sources: give one or more distinct calibration sources")
+    if t.strategy == "smp" and len(sources) != 1:
+        raise ConfigError(f"{where}.sources: strategy smp probes exactly one source, got {len(sources)}; e.g. sources: [code]")
+    if t.strategy in ("strategy1", "strategy2") and len(sources) < 2:
+        raise ConfigError(
+            f"{where}.sources: {t.strategy} intersects the critical columns of two or more sources; "
+            "use strategy smp for a single source"
+        )
+    for name in ("topk", "block_size", "group_size"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"{where}.{name}: must be a positive integer, got {getattr(t, name)}")
+    if t.topk > t.block_size:
+        raise ConfigError(f"{where}.topk: {t.topk} is more than the block of {t.block_size} columns")
+    if t.thresholds is not None and (not t.thresholds or any(not 1 <= p <= len(sources) for p in t.thresholds)):
+        raise ConfigError(f"{where}.thresholds: each p must be in 1..{len(sources)} (the number of sources)")
+    if t.resamples == 1 or t.resamples < 0:
+        raise ConfigError(f"{where}.resamples: 0 (off) or at least 2 disjoint resamples per source, got {t.resamples}")
+    if t.resamples > n_samples:
+        raise ConfigError(
+            f"{where}.resamples: {t.resamples} disjoint resamples need at least as many windows per source; "
+            f"raise calibration.n_samples (now {n_samples}) or lower resamples"
+        )
+    if not 0 <= t.critical_share < 1:
+        raise ConfigError(f"{where}.critical_share: a share of columns in [0, 1), got {t.critical_share}")
+    low = 2 + 14 * t.critical_share
+    if t.strategy == "sorted" and not low <= t.target_bits <= 4 + 12 * t.critical_share:
+        raise ConfigError(
+            f"{where}.target_bits: {t.target_bits} is out of reach with critical_share {t.critical_share}: "
+            f"choose {low:.3f} to {4 + 12 * t.critical_share:.3f}"
+        )
 
 
 def load_config(path: str | Path) -> RunConfig:

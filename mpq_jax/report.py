@@ -205,3 +205,97 @@ def write_report(output_dir: Path, report: dict, note_type: type | None = None) 
     if capabilities and report["eval"]["fp"] is not None:
         plot_capabilities(capabilities, output_dir / "capabilities.png", f"{report['method']}: capabilities retained")
     log.info("wrote %s", output_dir / "report.md")
+
+
+def tammp_markdown(layers: list[dict], summary: dict, folder: Path) -> list[str]:
+    """TAMMP's section: the Table-5-like allocation, compactness, per-layer widths, and
+    `tammp_compactness.png` (Figure 4) and `tammp_critical_columns.png` (Figure 3)."""
+    from mpq_jax.quant.tammp_model import allocation_summary
+
+    allocation = allocation_summary(layers)
+    weights = sum(row["shape"][0] * row["shape"][1] for row in layers)
+    exact = sum(row["bits_per_weight"] * row["shape"][0] * row["shape"][1] for row in layers) / weights
+    names = {"16": "critical (fp16)", "4": "4-bit", "3": "sub-critical (3-bit)", "2": "non-critical (2-bit)"}
+    widths = list(allocation["shares"])
+    lines = [
+        "",
+        f"## TAMMP allocation ({summary['strategy']}, sources {', '.join(summary['sources'])}, {summary['saliency']} saliency)",
+        "",
+        "| " + " | ".join(names.get(w, f"{w}-bit") for w in widths) + " | bits (codes only, as the paper counts) | bits (exact, every stored bit) |",
+        "|" + "---:|" * (len(widths) + 2),
+        "| " + " | ".join(f"{allocation['shares'][w]:.3f}" for w in widths) + f" | {allocation['code_bits']:.3f} | {exact:.3f} |",
+    ]
+    compact = summary.get("compactness") or {}
+    if compact.get("inter") or compact.get("intra"):
+        plot_compactness(compact, folder / "tammp_compactness.png")
+        lines += ["", "### Compactness of critical columns (consensus Jaccard, Appendix A)", "", "![compactness](tammp_compactness.png)", ""]
+        rows = ([("inter-source", compact["inter"])] if compact.get("inter") else []) + [
+            (f"intra {src}", value) for src, value in compact.get("intra", {}).items()
+        ]
+        thresholds = sorted({int(p) for _, value in rows for p in value["overall"]})
+        lines += ["| sets | " + " | ".join(f"p={p}" for p in thresholds) + " |", "|---|" + "---:|" * len(thresholds)]
+        for label, value in rows:
+            overall = {int(p): j for p, j in value["overall"].items()}
+            lines.append(f"| {label} | " + " | ".join(_number(overall.get(p), 3) for p in thresholds) + " |")
+        if compact.get("inter"):
+            lines += ["", "| layer type (inter-source) | " + " | ".join(f"p={p}" for p in thresholds) + " |", "|---|" + "---:|" * len(thresholds)]
+            for kind, value in compact["inter"]["by_type"].items():
+                by_p = {int(p): j for p, j in value.items()}
+                lines.append(f"| {kind} | " + " | ".join(_number(by_p.get(p), 3) for p in thresholds) + " |")
+    heat = summary.get("critical_columns")
+    if heat and len(heat["by_source"]) > 0:
+        plot_critical_columns(heat, folder / "tammp_critical_columns.png")
+        lines += ["", f"![critical columns of {heat['layer']} by source](tammp_critical_columns.png)"]
+    lines += ["", "| layer | columns per width | code bits | bits/weight | GPTQ loss |", "|---|---|---:|---:|---:|"]
+    lines += [
+        f"| {row['name']} | {', '.join(f'{w}b: {n}' for w, n in row['tammp_columns'].items())} | {row['tammp_code_bits']:.3f} "
+        f"| {row['bits_per_weight']:.3f} | {row['tammp_loss']:.4g} |"
+        for row in layers
+    ]
+    return lines
+
+
+def plot_compactness(compact: dict, path: Path) -> None:
+    """Figure 4: compactness J̄_core against the threshold p, inter-source against each
+    source's resamples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if compact.get("inter"):
+        points = sorted((int(p), j) for p, j in compact["inter"]["overall"].items())
+        ax.plot([p for p, _ in points], [j for _, j in points], marker="o", linewidth=2.5, color="black", label="multi-source (inter)")
+    for src, value in compact.get("intra", {}).items():
+        points = sorted((int(p), j) for p, j in value["overall"].items())
+        ax.plot([p for p, _ in points], [j for _, j in points], marker=".", linestyle="--", label=f"{src} (intra)")
+    ax.set_xlabel("p (sets a column must be critical in to join the consensus)")
+    ax.set_ylabel("compactness J̄_core")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("critical-column compactness")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_critical_columns(heat: dict, path: Path) -> None:
+    """Figure 3: which input columns of one layer each source finds critical."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sources = list(heat["by_source"])
+    grid = np.zeros((len(sources), heat["in_features"]))
+    for row, src in enumerate(sources):
+        grid[row, heat["by_source"][src]] = 1
+    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(sources)))
+    ax.imshow(grid, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xlabel("input column")
+    ax.set_title(f"critical columns of {heat['layer']} by calibration source")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from mpq_jax.errors import ConfigError
-from mpq_jax.quant import amlq_model, gptq_model, rtn_model
+from mpq_jax.quant import amlq_model, gptq_model, rtn_model, tammp_model
 from mpq_jax.quant.method import Method, QuantizedModel, WalkContext
 
 
@@ -39,6 +39,7 @@ METHODS: dict[str, Method] = {
         Method("rtn", rtn_model.RtnOptions.from_config, rtn_model.quantize_model, calibrated=False),
         Method("gptq", gptq_model.GptqOptions.from_config, gptq_model.quantize_model, True, gptq_model.GptqNote),
         Method("amlq", amlq_model.AmlqOptions.from_config, amlq_model.quantize_model, True, amlq_model.AmlqNote, amlq_model.check_options),
+        Method("tammp", tammp_model.TammpOptions.from_config, tammp_model.quantize_model, True, tammp_model.TammpNote),
     )
 }
 

@@ -16,8 +16,11 @@ Representations. A source's probe is a `ColumnSets`; the three-class allocation 
 width array, int32 [n_in], which `ColumnClasses.column_bits` produces and `sorted_classes`
 returns directly (its widths are not three fixed classes).
 
-Arrays in, arrays and sets out, numpy on the host. Not here: collecting Hessians per source,
-walking the model, configuration, quantizing with the classes (GPTQ) or training (QAT).
+  - `quantize_layer`: a layer quantized by GPTQ with those widths, each class a contiguous
+    run of columns (`class_order`), giving an ordinary `QuantizedLinear`.
+
+Arrays in, arrays, sets and layers out, numpy on the host. Not here: collecting Hessians per
+source, walking the model (mpq_jax.quant.tammp_model), configuration or training (QAT).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpq_jax.packed.qlinear import DENSE_BITS
+from mpq_jax.quant.gptq import gptq_quantize
 from mpq_jax.quant.saliency import saliency
 
 BINARIZATION_ORDER = 2  # BiLLM's structural search approximates each group at residual order 2
@@ -459,3 +463,38 @@ def sorted_classes(column_score, n_in: int, target_bits: float, critical_share: 
     bits[order[:n_critical]] = DENSE_BITS
     bits[order[n_critical : n_critical + n_ceil]] = floor_bits + 1
     return bits
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization of a layer with its column widths (§4.2, quantized by GPTQ)
+
+DENSE_POSITIONS = ("last", "first")
+
+
+def class_order(column_bits, hessian, dense_position: str = "last") -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """GPTQ's processing order and runs for per-column widths, int32 [in] and [(n_cols, bits)].
+
+    Columns of one width are contiguous, narrowest first, and act-ordered inside a width
+    (descending diag H, as GPTQ orders columns), so every later column can absorb the error
+    of the coarser ones before it. Dense (16-bit) columns come last or first: processed
+    last, they take the compensation of every other column and store it almost exactly (as
+    OWQ keeps its weak columns); `scripts/bench_tammp.py` measures both.
+    """
+    if dense_position not in DENSE_POSITIONS:
+        raise ValueError(f"dense_position must be one of {DENSE_POSITIONS}, got {dense_position!r}")
+    column_bits = np.asarray(column_bits)
+    act = np.argsort(-np.diag(np.asarray(hessian)), kind="stable")
+    widths = sorted(set(column_bits.tolist()) - {DENSE_BITS})
+    if DENSE_BITS in column_bits:
+        widths = widths + [DENSE_BITS] if dense_position == "last" else [DENSE_BITS] + widths
+    perm = np.concatenate([act[column_bits[act] == bits] for bits in widths]).astype(np.int32)
+    runs = [(int(np.sum(column_bits == bits)), int(bits)) for bits in widths]
+    return perm, runs
+
+
+def quantize_layer(w, hessian, column_bits, group_size: int, *, dense_position: str = "last", percdamp: float = 0.01, bias=None):
+    """GPTQ of w [out, in] on hessian [in, in] with the given width of every input column
+    (int [in]; 16 = kept in float16): one packed segment per width, groups of `group_size`
+    inside each. Returns mpq_jax.quant.gptq.GPTQResult (layer, loss, damping)."""
+    perm, runs = class_order(column_bits, hessian, dense_position)
+    return gptq_quantize(w, hessian, None, group_size, perm=perm, runs=runs, percdamp=percdamp, bias=bias)
