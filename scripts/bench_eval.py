@@ -13,6 +13,8 @@ benchmark, so world knowledge and code show as not run:
   gptq3     GPTQ 3-bit, groups of 128, act-order, static groups, FP-propagated Hessians
   amlq3.3   AMLQ at 3.3 bits per weight (default presets and ranks)
   amq3.3    the same without the low-rank term
+  strategy1 TAMMP Strategy 1 (fp16 / 3-bit / 2-bit columns, five sources, 40 x 512 each)
+  strategy2 TAMMP Strategy 2
 
 Calibration: 64 x 512 Wikipedia tokens (the statistics are cached on disk, shared with
 `python -m mpq_jax.quantize` runs). Reported per method: accuracy per task, mean per
@@ -55,12 +57,17 @@ METHODS = {
     "gptq3": {"method": "gptq", "bits": 3, "group_size": 128, "propagate": "fp"},
     "amlq3.3": {"method": "amlq", "amlq": {"target_bpw": 3.3}},
     "amq3.3": {"method": "amlq", "amlq": {"target_bpw": 3.3, "lowrank": False}},
+    "strategy1": {"method": "tammp", "tammp": {"strategy": "strategy1"}},
+    "strategy2": {"method": "tammp", "tammp": {"strategy": "strategy2"}},
 }
+# TAMMP probes each knowledge source apart: all five, as scripts/bench_tammp.py calibrates.
+TAMMP_CALIBRATION = {"sources": ["web", "wikipedia", "code", "qa", "arxiv"], "n_samples": 40, "seq_len": 512}
 
 
 def quantized_model(model: LoadedModel, name: str) -> tuple[LoadedModel, float, float]:
     """(model with quantized params, bits per weight, seconds to quantize)."""
-    config = parse_section(RunConfig, {"quantization": METHODS[name], "calibration": CALIBRATION}, "")
+    calibration = TAMMP_CALIBRATION if METHODS[name]["method"] == "tammp" else CALIBRATION
+    config = parse_section(RunConfig, {"quantization": METHODS[name], "calibration": calibration}, "")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         identity = model_identity(model.source, config.dtype)

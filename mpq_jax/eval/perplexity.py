@@ -79,6 +79,14 @@ def _window_nll(params: dict, spec: ModelSpec, batch: np.ndarray) -> np.ndarray:
     return np.asarray(next_token_nll(final_hidden(params, spec, tokens), lm_head_weight(params, spec), tokens))
 
 
+def window_nll_sums(params: dict, spec: ModelSpec, windows: np.ndarray) -> np.ndarray:
+    """Summed next-token NLL of each window [n, seq_len] -> float64 [n], one window per
+    pass with no untimed first pass: for benchmarks that score several sets' windows in one
+    go and split the sums per set (perplexity = exp(Σ nll / (n · (seq_len − 1))))."""
+    params = dequantized_params(params)
+    return np.array([float(np.sum(_window_nll(params, spec, windows[i : i + 1]), dtype=np.float64)) for i in range(len(windows))])
+
+
 def perplexity(
     params: dict,
     spec: ModelSpec,

@@ -155,7 +155,7 @@ def probe_model(params: dict, spec: ModelSpec, calibration: dict, cache: Hessian
             for src in sources:
                 sets[src][full] = probe_layer(weight, by_source[src][LINEAR_INPUT_OF[name]], options)
             for pseudo, stats in raw.items():
-                if RESAMPLE_MARK in pseudo and source_of(pseudo) in sources:
+                if options.resamples > 1 and RESAMPLE_MARK in pseudo and source_of(pseudo) in sources:
                     found = probe_layer(weight, stats[LINEAR_INPUT_OF[name]], options)
                     resample_critical.setdefault(source_of(pseudo), {}).setdefault(pseudo, {})[full] = found.critical
     return Probe(tuple(sources), sets, resample_critical)

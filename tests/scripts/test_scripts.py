@@ -131,3 +131,36 @@ def test_bench_eval_rows_on_a_tiny_model(tmp_path, shared_dir, capsys):
         assert set(result["speed"][timing]) == {"loglikelihood", "generation"} and min(result["speed"][timing].values()) > 0
     assert all(result["speed"]["same_scores"].values())
     assert out.with_suffix(".png").is_file() and "identical scores on every task: True" in capsys.readouterr().out
+
+
+def test_bench_tammp_rows_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    """Every row kind of the TAMMP benchmark, the compactness table, the directions checked,
+    the plot, and a second run that resumes from the JSON instead of recomputing, on a tiny
+    Llama with the real tokenizer (quality is measured on the real model by the script)."""
+    tiny_checkpoints = pytest.importorskip("tests.tiny_checkpoints")
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "tiny"
+    tiny_checkpoints.write_tiny_checkpoint_with_real_tokenizer("llama", source, hidden_size=128, intermediate_size=256)
+    out = tmp_path / "tammp.json"
+    argv = ["--model", str(source), "--json", str(out), "--seq-len", "64", "--calib-seq-len", "32", "--calib-samples", "4",
+            "--resamples", "2", "--windows", "1", "--heldout-windows", "1", "--alpha-points", "1", "--sorted", "3"]
+    assert load_script("bench_tammp").main(argv) == 0
+    result = json.loads(out.read_text())
+    methods = [r["method"] for r in result["rows"]]
+    assert methods[:6] == ["fp", "strategy1", "strategy2", "smp-web", "smp-wikipedia", "smp-code"]
+    assert "sorted-3" in methods and {"gptq-2bit-g128", "gptq-2bit-g64", "gptq-3bit-g128", "gptq-3bit-g64"} <= set(methods)
+    assert sum(m.startswith("amlq-") for m in methods) == 2 and sum(m.startswith("amq-") for m in methods) == 2
+    assert {r["method"] for r in result["ablations"]} == {f"strategy{s}-{v}" for s in (1, 2) for v in ("cholesky", "dense-first")}
+    for row in result["rows"] + result["ablations"]:
+        assert {"method", "bpw", "code_bpw", "ppl", "heldout", "heldout_mean"} <= set(row)
+        assert set(row["heldout"]) == {"web", "wikipedia", "code", "qa", "arxiv"} and row["ppl"] > 1
+    by = {r["method"]: r for r in result["rows"]}
+    assert by["gptq-3bit-g64"]["code_bpw"] == 3.0 and by["sorted-3"]["code_bpw"] == pytest.approx(3.0, abs=0.01)
+    assert set(result["compactness"]["inter"]) == {"1", "2", "3", "4", "5"}
+    assert set(result["compactness"]["intra"]) == {"web", "wikipedia", "code", "qa", "arxiv"}
+    assert out.with_suffix(".png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "inter-source compactness below intra-source" in printed and "Strategy 2 beats each SMP" in printed
+    # Started again, it reuses every row it holds (the seconds of a recomputed row would change).
+    assert load_script("bench_tammp").main(argv) == 0
+    assert json.loads(out.read_text())["rows"] == result["rows"]
