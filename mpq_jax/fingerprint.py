@@ -168,8 +168,10 @@ def run_fingerprint(model: dict, quantization, calibration_config, calibration: 
 def eval_fingerprint(model: dict, eval_config, data_files: Iterable[Path] = ()) -> str:
     """Key of a cached evaluation: model, eval settings, and the content of the text and task
     files it reads (`data_files`)."""
-    # Named by folder and file (heldout.jsonl exists once per source), not by absolute path.
-    data = {f"{Path(f).parent.name}/{Path(f).name}": file_digest(f) for f in data_files if Path(f).is_file()}
+    # By position (the order of the sets and tasks in eval_config) with folder and file as a
+    # readable label, never by absolute path; a list, so two files with the same label
+    # (a/x.txt and b/a/x.txt as perplexity sets) both count.
+    data = [[f"{Path(f).parent.name}/{Path(f).name}", file_digest(f)] for f in data_files if Path(f).is_file()]
     return fingerprint({"kind": "eval", "model": model, "eval": dataclasses.asdict(eval_config), "data": data})
 
 

@@ -32,12 +32,12 @@ from mpq_jax.config import RunConfig, config_to_dict
 from mpq_jax.data.calibration import calibration_tokens, sources_from_config
 from mpq_jax.data.paths import cache_dir
 from mpq_jax.errors import MpqError
-from mpq_jax.eval.suite import compare, evaluate, fp_baseline
+from mpq_jax.eval.suite import check_inputs, compare, evaluate, fp_baseline
 from mpq_jax.fingerprint import calibration_fingerprint, model_identity, run_fingerprint
 from mpq_jax.models.checkpoint import LoadedModel, load_model, load_tokenizer
 from mpq_jax.models.spec import spec_to_dict
 from mpq_jax.packed.io import save_quantized
-from mpq_jax.preflight import CheckedModel, check_run
+from mpq_jax.preflight import CheckedModel, check_run, evaluates_text
 from mpq_jax.quant.method import QuantizedModel, WalkContext
 from mpq_jax.quant.model import average_bits_per_weight, linear_stats
 from mpq_jax.quant.registry import method_named
@@ -59,6 +59,8 @@ def load_inputs(config: RunConfig, checked: CheckedModel) -> tuple[LoadedModel, 
     before the weights are read, so that a source too short for n_samples x seq_len fails
     in seconds rather than after loading."""
     tokenizer = load_tokenizer(checked.path)
+    if evaluates_text(config):
+        check_inputs(config.eval, tokenizer)  # a user's text file is now measured in tokens, still before the weights
     calibration = calibration_for(tokenizer, config)
     identity = model_identity(checked.path, config.dtype)
     model = load_model(checked.path, dtype=config.dtype, with_tokenizer=False)

@@ -166,3 +166,21 @@ def test_cache_key_follows_the_file_content(tmp_path, monkeypatch):
     assert key() == before
     path.write_text(TEXT.replace("fox", "cat"), encoding="utf-8")  # same size, new content
     assert key() != before
+
+
+def test_cache_key_counts_two_files_with_the_same_name(tmp_path, monkeypatch):
+    """Two sets whose files share folder and file name (a/x.txt, b/a/x.txt) both enter the
+    key: changing either one changes it."""
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path / "cache"))
+    first, second = tmp_path / "a" / "x.txt", tmp_path / "b" / "a" / "x.txt"
+    for path in (first, second):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(TEXT, encoding="utf-8")
+    config = dataclasses.replace(eval_config(str(first)), perplexity=dataclasses.replace(eval_config(str(first)).perplexity, sets=(str(first), str(second))))
+
+    def key():
+        return eval_fingerprint({"files": {}, "dtype": "float32"}, config, eval_data_files(config))
+
+    before = key()
+    second.write_text(TEXT.replace("fox", "cat"), encoding="utf-8")
+    assert key() != before
