@@ -20,7 +20,6 @@ GPTQ's float32 factor and its damping retries (gptq).
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
 VARIANTS = ("inverse", "cholesky")
 
@@ -69,16 +68,15 @@ def inverse_hessian_diagonal(hessian, percdamp: float = 0.01, variant: str = "in
 
 
 def _inverse_diagonal(H: np.ndarray) -> np.ndarray:
-    """diag(H⁻¹) [n] of SPD H [n, n] from its Cholesky factor (LAPACK potrf then potri).
+    """diag(H⁻¹) [n] of SPD H [n, n] from its Cholesky factor: H = LLᵀ, H⁻¹ = L⁻ᵀL⁻¹, so
+    [H⁻¹]ᵢᵢ = Σ_k (L⁻¹)ₖᵢ², the squared norm of column i of L⁻¹.
 
-    Overwrites H (the caller's own damped copy): at in ≈ 15k each [in, in] float64 copy
-    spared is 1.8 GB.
+    numpy's LAPACK, not scipy's potrf/potri: on the 2-core CI machines scipy's took
+    1.8 + 2.0 s for one 576 x 576 matrix against 0.04 + 0.1 s here (measured, the same
+    process), and TAMMP probes every layer once per source and resample.
     """
-    factor, lower = scipy.linalg.cho_factor(H, lower=True, overwrite_a=True, check_finite=False)
-    inverse, info = scipy.linalg.lapack.dpotri(factor, lower=lower, overwrite_c=True)
-    if info != 0:  # potrf succeeded, so only a zero pivot on the way could fail here
-        raise np.linalg.LinAlgError(f"dpotri failed with info={info}")
-    return np.diag(inverse).copy()
+    L = np.linalg.cholesky(H)  # raises LinAlgError when H is not positive definite
+    return np.sum(np.linalg.inv(L) ** 2, axis=0)
 
 
 def _inverse_cholesky_diagonal(H: np.ndarray) -> np.ndarray:

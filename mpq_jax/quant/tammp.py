@@ -141,7 +141,7 @@ def structural_search(S_block, candidates) -> np.ndarray:
     return candidates[: best + 1]
 
 
-def probe_columns(w, inv_diag, topk: int = 10, block_size: int = 128) -> ColumnSets:
+def probe_columns(w, inv_diag, topk: int = 10, block_size: int = 128, non_critical: bool = True) -> ColumnSets:
     """Algorithm 1 on w [out, in]: critical and non-critical columns per block of columns.
 
     inv_diag: [in] from `saliency.inverse_hessian_diagonal` (per-column values of eq. 4,
@@ -155,6 +155,7 @@ def probe_columns(w, inv_diag, topk: int = 10, block_size: int = 128) -> ColumnS
     split errors of every block come from one jitted float32 program (`_split_errors`,
     summed over rows in float64 here), 20-50x faster than the numpy reference. Float32 can
     only change a choice between two splits whose errors agree to ~1e-5 relative.
+    `non_critical=False` skips the second search (compactness needs critical columns only).
     """
     w, inv_diag = _checked_probe_args(w, inv_diag, topk, block_size)
     S = saliency(w, inv_diag)  # [out, in] float64
@@ -168,15 +169,17 @@ def probe_columns(w, inv_diag, topk: int = 10, block_size: int = 128) -> ColumnS
     k = min(topk, block_size)
     valid = (np.arange(n_blocks * block_size) < n_in).reshape(n_blocks, block_size)
     critical = _search_blocks(blocks, valid, [np.argsort(-score, kind="stable")[:topk] for score in scores], k)
+    offsets = list(starts)
+    if not non_critical:
+        return ColumnSets(np.concatenate([c + o for c, o in zip(critical, offsets)]), np.zeros(0, np.int64))
     bottoms = []
     for score, chosen in zip(scores, critical):
         rest = np.setdiff1d(np.arange(len(score)), chosen)
         bottoms.append(rest[np.argsort(score[rest], kind="stable")][:topk])
-    non_critical = _search_blocks(blocks, valid, bottoms, k)
-    offsets = list(starts)
+    found = _search_blocks(blocks, valid, bottoms, k)
     return ColumnSets(
         np.concatenate([c + o for c, o in zip(critical, offsets)]),
-        np.concatenate([c + o for c, o in zip(non_critical, offsets)]),
+        np.concatenate([c + o for c, o in zip(found, offsets)]),
     )
 
 

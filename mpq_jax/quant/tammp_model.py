@@ -133,10 +133,13 @@ def _probe_weight(weight, stats: InputStats) -> np.ndarray:
     return w
 
 
-def probe_layer(weight, stats: InputStats, options: TammpOptions) -> tammp.ColumnSets:
-    """One source's critical and non-critical columns of one layer."""
-    inv_diag = inverse_hessian_diagonal(stats.hessian, options.percdamp, options.saliency)
-    return tammp.probe_columns(_probe_weight(weight, stats), inv_diag, options.topk, options.block_size)
+def probe_layer(weight, stats: InputStats, options: TammpOptions, inv_diag=None, non_critical: bool = True) -> tammp.ColumnSets:
+    """One source's critical (and non-critical) columns of one layer; `inv_diag`: the
+    denominator of eq. 4 for these statistics if already computed (q/k/v and gate/up share
+    an input)."""
+    if inv_diag is None:
+        inv_diag = inverse_hessian_diagonal(stats.hessian, options.percdamp, options.saliency)
+    return tammp.probe_columns(_probe_weight(weight, stats), inv_diag, options.topk, options.block_size, non_critical)
 
 
 def probe_model(params: dict, spec: ModelSpec, calibration: dict, cache: HessianCache, options: TammpOptions, progress: bool = True) -> Probe:
@@ -149,14 +152,23 @@ def probe_model(params: dict, spec: ModelSpec, calibration: dict, cache: Hessian
     for index in tqdm(range(len(params["layers"])), desc="TAMMP probe", unit="block", disable=not progress):
         raw = cache.load(index)
         by_source = per_source_statistics(raw, tokens)
+        inv_diags: dict = {}  # (set, input) -> eq. 4's denominator, one factorisation per input
+
+        def inv_diag(set_name, stats, input_name):
+            if (set_name, input_name) not in inv_diags:
+                inv_diags[set_name, input_name] = inverse_hessian_diagonal(stats.hessian, options.percdamp, options.saliency)
+            return inv_diags[set_name, input_name]
+
         for module, name in BLOCK_LINEARS:
-            full = linear_name(index, module, name)
+            full, inp = linear_name(index, module, name), LINEAR_INPUT_OF[name]
             weight = params["layers"][index][module][name]["weight"]
             for src in sources:
-                sets[src][full] = probe_layer(weight, by_source[src][LINEAR_INPUT_OF[name]], options)
-            for pseudo, stats in raw.items():
+                stats = by_source[src][inp]
+                sets[src][full] = probe_layer(weight, stats, options, inv_diag(src, stats, inp))
+            for pseudo, per_input in raw.items():
                 if options.resamples > 1 and RESAMPLE_MARK in pseudo and source_of(pseudo) in sources:
-                    found = probe_layer(weight, stats[LINEAR_INPUT_OF[name]], options)
+                    stats = per_input[inp]
+                    found = probe_layer(weight, stats, options, inv_diag(pseudo, stats, inp), non_critical=False)
                     resample_critical.setdefault(source_of(pseudo), {}).setdefault(pseudo, {})[full] = found.critical
     return Probe(tuple(sources), sets, resample_critical)
 
