@@ -2,7 +2,7 @@
 
     python scripts/bench_tammp.py [--json PATH] [--windows K] [--heldout-windows K]
                                   [--calib-samples 40] [--calib-seq-len 512] [--resamples 5]
-                                  [--sorted 2.25,2.5,3,3.5,4] [--alpha-points 10] [--fresh]
+                                  [--sorted 2.5,3,3.5] [--alpha-points 10] [--ablations strategy2] [--fresh]
 
 One run, one shared capture: the five calibration sources (web, wikipedia, code, qa, arxiv),
 each split into `--resamples` disjoint resamples, are captured once as 25 sources of their
@@ -19,8 +19,8 @@ AMQ/AMLQ rows. Rows (JSON `method`):
   gptq-<b>bit-g<g>     uniform GPTQ 2/3-bit, g128 and g64 (act-order, static groups)
   amq-<bpw>/amlq-<bpw> AMQ and AMLQ at the exact BPW of Strategy 1 and of Strategy 2
 
-and, under `ablations`, Strategy 1/2 with the Cholesky-factor saliency and with the fp16
-columns processed first by GPTQ. Every row: exact BPW (every stored bit), code-only BPW (as
+and, under `ablations`, Strategy 2 (`--ablations`) with the Cholesky-factor saliency and
+with the fp16 columns processed first by GPTQ. Every row: exact BPW (every stored bit), code-only BPW (as
 the paper counts: codes alone), WikiText-2 test PPL on the first K windows of 2048 tokens,
 the PPL of the first K' windows of each source's heldout.jsonl and their mean, and the
 seconds the method took. The JSON is rewritten after every row and a run started again
@@ -186,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--resamples", type=int, default=5, help="disjoint resamples per source (intra-source compactness)")
     parser.add_argument("--topk", type=int, default=10)
-    parser.add_argument("--sorted", default="2.25,2.5,3,3.5,4", help="mean code bits of the importance-sorted rows")
+    parser.add_argument("--sorted", default="2.5,3,3.5", help="mean code bits of the importance-sorted rows")
     parser.add_argument("--alpha-points", type=int, default=10, help="AMLQ's α grid: this many points in [0, 0.95]")
     parser.add_argument("--no-amlq", action="store_true", help="skip the AMQ/AMLQ rows (their measuring pass is the slowest part)")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in --json")
+    parser.add_argument("--ablations", default="strategy2", help="strategies whose saliency and dense-position variants are run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add("fp", lambda: (model.params, 32.0))
     base = tammp_model.TammpOptions(topk=args.topk, resamples=args.resamples)
+    ablation_strategies = [s for s in args.ablations.split(",") if s]
     probes: dict = {}
 
     def probe(saliency: str):
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in (128, 64):
             options = gptq_model.GptqOptions(bits=bits, group_size=group, propagate_quantized=False)
             add(f"gptq-{bits}bit-g{group}", lambda o=options: (gptq_model.quantize_model(model.params, o, context).params, float(o.bits)))
-    for strategy in ("strategy1", "strategy2"):
+    for strategy in ablation_strategies:
         add(f"{strategy}-cholesky", tammp_row(dataclasses.replace(base, strategy=strategy, saliency="cholesky")), ablations)
         add(f"{strategy}-dense-first", tammp_row(dataclasses.replace(base, strategy=strategy, dense_position="first")), ablations)
 

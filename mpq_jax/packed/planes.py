@@ -105,18 +105,35 @@ def unpack_slab(word_row, bits: int, i: int) -> jax.Array:
     return value
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "k"))
 def unpack_codes(words, bits: int, k: int) -> jax.Array:
     """uint32 words [bits, n_blocks(k), N] -> int32 codes [k, N].
 
-    int32 (not uint8) so that code arithmetic such as `q - zero` cannot wrap.
+    int32 (not uint8) so that code arithmetic such as `q - zero` cannot wrap. The jitted
+    part unpacks whole 32-column blocks and is compiled per (bits, blocks, N); `k` only
+    slices its result, so layers whose segments differ in length by less than a block (TAMMP's
+    classes: a different length in nearly every layer) share one program.
     """
     _check_bits(bits)
     words = jnp.asarray(words, dtype=jnp.uint32)
     if words.ndim != 3 or words.shape[:2] != (bits, n_blocks(k)):
         raise ValueError(f"words must be [{bits}, {n_blocks(k)}, N] for {k} columns of {bits} bits, got {words.shape}")
+    return leading_rows(unpack_blocks(words, bits), k)
+
+
+def leading_rows(x, k: int):
+    """x[:k]. Eagerly on the CPU the slice is taken in numpy: a jnp slice compiles one small
+    program per distinct k, and a model with a different segment length in every layer pays
+    that hundreds of times (minutes on 2 cores). Under tracing it is an ordinary slice."""
+    if isinstance(x, jax.core.Tracer) or jax.default_backend() != "cpu":
+        return x[:k]
+    return jnp.asarray(np.asarray(x)[:k])
+
+
+@functools.partial(jax.jit, static_argnames="bits")
+def unpack_blocks(words, bits: int) -> jax.Array:
+    """uint32 words [bits, B, N] -> int32 codes [32 B, N]."""
     slabs = jnp.stack([unpack_slab(words.__getitem__, bits, i) for i in range(PACK_BLOCK)], axis=1)  # [B, 32, N]
-    return slabs.reshape(-1, words.shape[2])[:k].astype(jnp.int32)
+    return slabs.reshape(-1, words.shape[2]).astype(jnp.int32)
 
 
 def _check_bits(bits: int) -> None:

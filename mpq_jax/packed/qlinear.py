@@ -38,6 +38,7 @@ Not here: how codes are chosen (mpq_jax.quant), file I/O (io.py), fast kernels
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpq_jax.packed.planes import MAX_BITS, MIN_BITS, n_blocks, pack_codes, unpack_codes
+from mpq_jax.packed.planes import MAX_BITS, MIN_BITS, leading_rows, n_blocks, pack_codes, unpack_blocks
 from mpq_jax.quant.grid import dequantize_codes
 
 DENSE_BITS = 16  # a segment of this width keeps its columns unquantized, in float16
@@ -95,12 +96,12 @@ class Segment:
     def dequantize_t(self) -> jax.Array:
         """float32 [stop - start, out]: the weights as the kernels lay them out (inputs first)."""
         if self.bits == DENSE_BITS:
-            return self.dense.astype(jnp.float32)
-        q = unpack_codes(self.codes, self.bits, self.n_cols)  # [cols, out]
-        group_of_col = np.arange(self.n_cols) // self.group_size  # static [cols]
-        scale = self.scale.astype(jnp.float32)[group_of_col]
-        zero = self.zero.astype(jnp.int32)[group_of_col]
-        return dequantize_codes(q, scale, zero)
+            if isinstance(self.dense, jax.core.Tracer) or jax.default_backend() != "cpu":
+                return self.dense.astype(jnp.float32)
+            return jnp.asarray(np.asarray(self.dense).astype(np.float32))  # no per-shape compile (see dequantize)
+        # Whole 32-column blocks in one program per (bits, blocks, groups, out), then the
+        # segment's columns: segments of different lengths share the compiled program.
+        return leading_rows(_dequantize_blocks(self.codes, self.scale, self.zero, self.bits, self.group_size), self.n_cols)
 
     def validate(self, out_features: int) -> None:
         """Raise ValueError naming the field if shapes, dtypes or widths are inconsistent."""
@@ -218,13 +219,20 @@ class QuantizedLinear:
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """[out, in] quantized weights in ORIGINAL column order, times the input scale if any
-        (the low-rank term excluded)."""
-        w_perm = jnp.concatenate([seg.dequantize() for seg in self.segments], axis=1)  # [out, in]
-        # Permuted column p holds original column perm[p]: scatter it back there.
-        w = jnp.zeros_like(w_perm).at[:, self.perm].set(w_perm)
+        (the low-rank term excluded).
+
+        Eagerly on the CPU the assembly (transpose, concatenation, permutation, input scale)
+        runs in numpy, with the same float32 operations: in jnp each op compiles once per
+        distinct shape, and mixed-precision layers (TAMMP's classes) have different segment
+        shapes in nearly every layer. Under jit (the forward pass) it is the jnp program."""
+        xp = jnp if isinstance(self.perm, jax.core.Tracer) or jax.default_backend() != "cpu" else np
+        w_perm = xp.concatenate([xp.asarray(seg.dequantize_t()).T for seg in self.segments], axis=1)  # [out, in]
+        # Permuted column p holds original column perm[p]: original column j is at position inverse[j].
+        w = w_perm[:, xp.argsort(xp.asarray(self.perm))]
         if self.input_scale is not None:
-            w = w * self.input_scale.astype(jnp.float32)[None, :]
-        return w.astype(dtype)
+            w = w * xp.asarray(self.input_scale).astype(np.float32)[None, :]
+        w = jnp.asarray(w)
+        return w if w.dtype == dtype else w.astype(dtype)
 
     def effective_weight(self, dtype=jnp.float32) -> jax.Array:
         """[out, in] weights the layer applies: dequantize() + B @ A."""
@@ -356,3 +364,12 @@ def _expect(a, shape: tuple, dtype, name: str) -> None:
         raise ValueError(f"{name} must have dtype {jnp.dtype(dtype).name}, got {jnp.dtype(a.dtype).name}")
     if dtype is None and not jnp.issubdtype(a.dtype, jnp.floating):
         raise ValueError(f"{name} must be a float array, got dtype {a.dtype}")
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _dequantize_blocks(codes, scale, zero, bits: int, group_size: int) -> jax.Array:
+    """float32 [32 B, out] weights of a segment's whole 32-column blocks (codes [bits, B, out]);
+    rows past the segment's columns repeat its last group's grid and are dropped by the caller."""
+    q = unpack_blocks(codes, bits)  # [32 B, out]
+    group_of_col = jnp.minimum(jnp.arange(q.shape[0]) // group_size, scale.shape[0] - 1)
+    return dequantize_codes(q, scale.astype(jnp.float32)[group_of_col], zero.astype(jnp.int32)[group_of_col])

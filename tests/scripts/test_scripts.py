@@ -143,7 +143,8 @@ def test_bench_tammp_rows_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     tiny_checkpoints.write_tiny_checkpoint_with_real_tokenizer("llama", source, hidden_size=128, intermediate_size=256)
     out = tmp_path / "tammp.json"
     argv = ["--model", str(source), "--json", str(out), "--seq-len", "64", "--calib-seq-len", "32", "--calib-samples", "4",
-            "--resamples", "2", "--windows", "1", "--heldout-windows", "1", "--alpha-points", "1", "--sorted", "3"]
+            "--resamples", "2", "--windows", "1", "--heldout-windows", "1", "--alpha-points", "1", "--sorted", "3",
+            "--ablations", "strategy1,strategy2"]
     assert load_script("bench_tammp").main(argv) == 0
     result = json.loads(out.read_text())
     methods = [r["method"] for r in result["rows"]]
