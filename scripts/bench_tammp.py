@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def tammp_row(options, found=None):
         def make():
-            found_probe, probe_s = found or probe(options.saliency)
+            found_probe, _ = found or probe(options.saliency)
             result = tammp_model.build_model(model.params, model.spec, split, cache, found_probe, options)
             return result.params, result.notes
         return make

@@ -124,9 +124,15 @@ def leading_rows(x, k: int):
     """x[:k]. Eagerly on the CPU the slice is taken in numpy: a jnp slice compiles one small
     program per distinct k, and a model with a different segment length in every layer pays
     that hundreds of times (minutes on 2 cores). Under tracing it is an ordinary slice."""
-    if isinstance(x, jax.core.Tracer) or jax.default_backend() != "cpu":
+    if not eager_on_cpu(x):
         return x[:k]
     return jnp.asarray(np.asarray(x)[:k])
+
+
+def eager_on_cpu(x) -> bool:
+    """Whether `x` is a concrete array on the CPU backend (not traced), where assembling a
+    packed layer in numpy avoids compiling one small program per array shape."""
+    return not isinstance(x, jax.core.Tracer) and jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.jit, static_argnames="bits")

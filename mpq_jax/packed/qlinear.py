@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpq_jax.packed.planes import MAX_BITS, MIN_BITS, leading_rows, n_blocks, pack_codes, unpack_blocks
+from mpq_jax.packed.planes import MAX_BITS, MIN_BITS, eager_on_cpu, leading_rows, n_blocks, pack_codes, unpack_blocks
 from mpq_jax.quant.grid import dequantize_codes
 
 DENSE_BITS = 16  # a segment of this width keeps its columns unquantized, in float16
@@ -96,7 +96,7 @@ class Segment:
     def dequantize_t(self) -> jax.Array:
         """float32 [stop - start, out]: the weights as the kernels lay them out (inputs first)."""
         if self.bits == DENSE_BITS:
-            if isinstance(self.dense, jax.core.Tracer) or jax.default_backend() != "cpu":
+            if not eager_on_cpu(self.dense):
                 return self.dense.astype(jnp.float32)
             return jnp.asarray(np.asarray(self.dense).astype(np.float32))  # no per-shape compile (see dequantize)
         # Whole 32-column blocks in one program per (bits, blocks, groups, out), then the
@@ -225,7 +225,7 @@ class QuantizedLinear:
         runs in numpy, with the same float32 operations: in jnp each op compiles once per
         distinct shape, and mixed-precision layers (TAMMP's classes) have different segment
         shapes in nearly every layer. Under jit (the forward pass) it is the jnp program."""
-        xp = jnp if isinstance(self.perm, jax.core.Tracer) or jax.default_backend() != "cpu" else np
+        xp = np if eager_on_cpu(self.perm) else jnp
         w_perm = xp.concatenate([xp.asarray(seg.dequantize_t()).T for seg in self.segments], axis=1)  # [out, in]
         # Permuted column p holds original column perm[p]: original column j is at position inverse[j].
         w = w_perm[:, xp.argsort(xp.asarray(self.perm))]
