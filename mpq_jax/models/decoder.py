@@ -34,6 +34,7 @@ import numpy as np
 
 from mpq_jax.models.spec import ModelSpec
 from mpq_jax.packed.qlinear import QuantizedLinear
+from mpq_jax.qat.trainable import TrainableLinear
 from pallas_kernels.dispatch import quantized_matmul
 
 Params = dict
@@ -97,10 +98,13 @@ def linear(layer, x: jax.Array) -> jax.Array:
     """x: [..., in] -> [..., out] through a dense `{"weight", "bias"?}` or a QuantizedLinear.
 
     A QuantizedLinear goes through the kernel dispatch: the Pallas kernel of the backend on
-    GPU/TPU, the plain-jnp reference on CPU.
+    GPU/TPU, the plain-jnp reference on CPU. A TrainableLinear (QAT) fake-quantizes its
+    master weights through the straight-through estimator.
     """
     if isinstance(layer, QuantizedLinear):
         return quantized_matmul(x, layer)
+    if isinstance(layer, TrainableLinear):
+        return layer.apply(x)
     y = x @ layer["weight"].T
     if "bias" in layer:
         y = y + layer["bias"]

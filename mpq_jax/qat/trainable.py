@@ -1,0 +1,292 @@
+"""The trainable form of a `QuantizedLinear`, and its two conversions.
+
+    trainable_linear(packed)   QuantizedLinear -> TrainableLinear
+    packed_linear(trainable)   TrainableLinear -> QuantizedLinear
+
+A `TrainableLinear` keeps the packed layer's structure (segments, permutation, input scale)
+and replaces what training changes by float arrays in the natural [out, cols] layout:
+
+    segment of 2-8 bits   master weights `weight`, per-group `scale` and `zero` (floats),
+                          fake-quantized through the STE of `mpq_jax.qat.ste`
+    16-bit segment        its columns as a plain parameter `weight` (TAMMP's critical
+                          columns, AMLQ's dense groups)
+    low-rank factors, bias  plain parameters
+    (the last three pass through float16 rounding with a straight-through gradient, so
+    training computes with the values the packed layer will store)
+    perm, input_scale     kept as they are, never trained
+
+The master weights start at the packed layer's own grid values, (q - z)·s, not at the FP
+weights: re-rounding the FP weights would replace GPTQ's (or AMLQ's, or TAMMP's)
+error-compensated codes by round-to-nearest ones and throw away what the method found.
+From there every width reproduces its codes exactly, so a converted model computes
+bit-for-bit what the packed one computes, and converting back without training returns
+the identical packed layer. The FP model enters QAT only as stage 1's target.
+
+The decoder runs a TrainableLinear through the same block code as every other linear
+(`mpq_jax.models.decoder.linear` calls `apply`).
+
+Roles: every leaf of a params tree has one (`leaf_roles`); a stage's trainable set is a set
+of roles, so "only the trainable set moves" is a mask over roles (`trainable_mask`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, Segment, make_dense_segment, make_segment
+from mpq_jax.qat.ste import fake_quantize, stored_float16
+from mpq_jax.quant.grid import FP16_MAX, FP16_TINY, max_code
+
+# What a leaf is, for choosing what a stage trains.
+ROLE_WEIGHT = "weight"  # master weights of a 2-8-bit segment
+ROLE_DENSE = "dense"  # columns kept in 16 bits (critical columns)
+ROLE_SCALE = "scale"  # per-group step sizes
+ROLE_ZERO = "zero"  # per-group zero points
+ROLE_LOWRANK = "lowrank"  # low-rank factors A, B
+ROLE_BIAS = "bias"
+ROLE_FROZEN = "frozen"  # everything else: embeddings, norms, dense linears, perm, input scale
+# bfloat16 rounds (q - z)·s by at most 2**-8 relative, so w / s lands within 0.5 of the code
+# while |q - z| < 128: up to 7 bits. Wider segments keep float32 master weights.
+BFLOAT16_EXACT_BITS = 7
+TRAINABLE_ROLES = (ROLE_WEIGHT, ROLE_DENSE, ROLE_SCALE, ROLE_ZERO, ROLE_LOWRANK, ROLE_BIAS)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSegment:
+    """Columns [start, stop) of the permuted order at `bits` (16 = kept dense).
+
+    weight: [out, stop - start] master (or dense) weights; scale, zero: float32
+    [out, n_groups] (None for 16 bits), groups of `group_size` columns from `start`."""
+
+    start: int
+    stop: int
+    bits: int
+    group_size: int
+    weight: jax.Array
+    scale: jax.Array | None = None
+    zero: jax.Array | None = None
+
+    @property
+    def n_cols(self) -> int:
+        return self.stop - self.start
+
+    def values(self) -> jax.Array:
+        """float32 [out, cols]: the weights this segment applies."""
+        if self.bits == DENSE_BITS:
+            return stored_float16(self.weight)
+        group_of_col = np.arange(self.n_cols) // self.group_size
+        return fake_quantize(self.weight, self.scale[:, group_of_col], self.zero[:, group_of_col], self.bits)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainableLinear:
+    """y = Ŵ x + B A x + bias with Ŵ fake-quantized from master weights (see the module
+    docstring); the same formula and column conventions as `QuantizedLinear`."""
+
+    in_features: int
+    out_features: int
+    perm: jax.Array
+    segments: tuple[TrainSegment, ...]
+    lowrank_b: jax.Array | None = None
+    lowrank_a: jax.Array | None = None
+    bias: jax.Array | None = None
+    input_scale: jax.Array | None = None
+
+    def quantized_weight(self) -> jax.Array:
+        """float32 [out, in] in original column order, times the input scale if any
+        (as `QuantizedLinear.dequantize`)."""
+        w_perm = jnp.concatenate([seg.values() for seg in self.segments], axis=1)
+        w = w_perm[:, jnp.argsort(self.perm)]
+        if self.input_scale is not None:
+            w = w * self.input_scale.astype(jnp.float32)[None, :]
+        return w
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> y [..., out] in x's dtype. In float32 the same operations as
+        `QuantizedLinear.apply`; in bfloat16 the matmuls take bfloat16 inputs and accumulate
+        in float32."""
+        w = self.quantized_weight()
+        lowrank = None if self.lowrank_a is None else (stored_float16(self.lowrank_a), stored_float16(self.lowrank_b))
+        if x.dtype == jnp.float32:
+            y = x @ w.T
+            if lowrank is not None:
+                y = y + (x @ lowrank[0].T) @ lowrank[1].T
+        else:
+            y = jnp.matmul(x, w.astype(x.dtype).T, preferred_element_type=jnp.float32)
+            if lowrank is not None:
+                y = y + jnp.matmul(x, lowrank[0].astype(x.dtype).T, preferred_element_type=jnp.float32) @ lowrank[1].T
+        if self.bias is not None:
+            y = y + stored_float16(self.bias)
+        return y.astype(x.dtype)
+
+
+jax.tree_util.register_dataclass(
+    TrainSegment, data_fields=["weight", "scale", "zero"], meta_fields=["start", "stop", "bits", "group_size"]
+)
+jax.tree_util.register_dataclass(
+    TrainableLinear,
+    data_fields=["perm", "segments", "lowrank_b", "lowrank_a", "bias", "input_scale"],
+    meta_fields=["in_features", "out_features"],
+)
+
+
+def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32) -> TrainableLinear:
+    """The trainable form of `packed`, computing the same weights (module docstring).
+    `dtype` is that of the master weights (bfloat16 halves the largest training array of a
+    7B model and still starts at the packed codes, up to BFLOAT16_EXACT_BITS); dense columns, low-rank factors, bias,
+    scales and zeros stay float32: they are a few percent of the weights, and float16
+    values do not survive a trip through bfloat16."""
+
+    def segment(seg: Segment) -> TrainSegment:
+        if seg.bits == DENSE_BITS:
+            weight = np.asarray(seg.dense, np.float32).T
+            return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, jnp.asarray(weight))
+        return TrainSegment(
+            seg.start,
+            seg.stop,
+            seg.bits,
+            seg.group_size,
+            weight=jnp.asarray(np.asarray(seg.dequantize()), dtype if seg.bits <= BFLOAT16_EXACT_BITS else jnp.float32),
+            scale=jnp.asarray(np.asarray(seg.scale, np.float32).T),
+            zero=jnp.asarray(np.asarray(seg.zero, np.float32).T),
+        )
+
+    def param(a):
+        return None if a is None else jnp.asarray(np.asarray(a, np.float32))
+
+    return TrainableLinear(
+        in_features=packed.in_features,
+        out_features=packed.out_features,
+        perm=packed.perm,
+        segments=tuple(segment(seg) for seg in packed.segments),
+        lowrank_b=param(packed.lowrank_b),
+        lowrank_a=param(packed.lowrank_a),
+        bias=param(packed.bias),
+        input_scale=packed.input_scale,
+    )
+
+
+def packed_linear(trainable: TrainableLinear) -> QuantizedLinear:
+    """The packed layer whose dequantized weights are exactly `trainable.quantized_weight()`.
+
+    On the host in numpy with the float32 operations of `fake_quantize` (IEEE division,
+    round-half-to-even), so that converting a model with a different segment shape in every
+    layer compiles nothing; the tests check it against the jnp forward bit for bit."""
+
+    def segment(seg: TrainSegment) -> Segment:
+        weight = np.asarray(seg.weight, np.float32)
+        if seg.bits == DENSE_BITS:
+            return make_dense_segment(weight, seg.start)
+        maxq = max_code(seg.bits)
+        scale = np.clip(np.asarray(seg.scale, np.float32), FP16_TINY, FP16_MAX).astype(np.float16).astype(np.float32)
+        zero = np.clip(np.round(np.asarray(seg.zero, np.float32)), 0, maxq)
+        group_of_col = np.arange(seg.n_cols) // seg.group_size
+        codes = np.clip(np.round(weight / scale[:, group_of_col]) + zero[:, group_of_col], 0, maxq)
+        return make_segment(codes.astype(np.int32), scale, zero, seg.bits, seg.start, seg.group_size)
+
+    def param(a):
+        return None if a is None else np.asarray(a, np.float32)
+
+    return QuantizedLinear.create(
+        [segment(seg) for seg in trainable.segments],
+        perm=np.asarray(trainable.perm),
+        lowrank_b=param(trainable.lowrank_b),
+        lowrank_a=param(trainable.lowrank_a),
+        bias=param(trainable.bias),
+        input_scale=None if trainable.input_scale is None else jnp.asarray(trainable.input_scale),
+    )
+
+
+def _map_linears(tree, fn, kind):
+    return jax.tree_util.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, kind) else leaf, tree, is_leaf=lambda x: isinstance(x, kind))
+
+
+def trainable_params(params: dict, dtype=jnp.float32) -> dict:
+    """Every QuantizedLinear of a params tree (or of one block) in trainable form; other
+    float leaves (embeddings, norms, dense linears) cast to `dtype`, and frozen."""
+
+    def cast(leaf):
+        if isinstance(leaf, TrainableLinear):
+            return leaf
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(leaf, dtype)
+        return leaf
+
+    converted = _map_linears(params, lambda ql: trainable_linear(ql, dtype), QuantizedLinear)
+    return jax.tree_util.tree_map(cast, converted, is_leaf=lambda x: isinstance(x, TrainableLinear))
+
+
+def packed_params(params: dict, dtype=None) -> dict:
+    """Every TrainableLinear back in packed form; other float leaves cast to `dtype` if given."""
+    converted = _map_linears(params, packed_linear, TrainableLinear)
+    if dtype is None:
+        return converted
+
+    def cast(leaf):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(leaf, dtype)
+        return leaf
+
+    return jax.tree_util.tree_map(cast, converted, is_leaf=lambda x: isinstance(x, QuantizedLinear))
+
+
+def leaf_roles(params):
+    """A tree of the same structure with each leaf replaced by its role (module docstring)."""
+
+    def linear_roles(tl: TrainableLinear) -> TrainableLinear:
+        segments = tuple(
+            dataclasses.replace(
+                seg,
+                weight=ROLE_DENSE if seg.bits == DENSE_BITS else ROLE_WEIGHT,
+                scale=None if seg.scale is None else ROLE_SCALE,
+                zero=None if seg.zero is None else ROLE_ZERO,
+            )
+            for seg in tl.segments
+        )
+        return dataclasses.replace(
+            tl,
+            perm=ROLE_FROZEN,
+            segments=segments,
+            lowrank_b=None if tl.lowrank_b is None else ROLE_LOWRANK,
+            lowrank_a=None if tl.lowrank_a is None else ROLE_LOWRANK,
+            bias=None if tl.bias is None else ROLE_BIAS,
+            input_scale=None if tl.input_scale is None else ROLE_FROZEN,
+        )
+
+    with_linears = _map_linears(params, linear_roles, TrainableLinear)
+    return jax.tree_util.tree_map(
+        lambda leaf: leaf if isinstance(leaf, str) else ROLE_FROZEN, with_linears
+    )
+
+
+def trainable_mask(params, roles: frozenset[str] | set[str]):
+    """A tree of bools: True where the leaf's role is in `roles`."""
+    unknown = set(roles) - set(TRAINABLE_ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {sorted(unknown)}; choose from {', '.join(TRAINABLE_ROLES)}")
+    return jax.tree_util.tree_map(lambda role: role in roles, leaf_roles(params))
+
+
+def partition(params, mask):
+    """(trainable, frozen): two trees of params' structure, each with None where the other
+    holds the leaf. Gradients are taken with respect to `trainable` only, so a frozen leaf
+    cannot move, whatever the optimizer does."""
+    trainable = jax.tree_util.tree_map(lambda leaf, m: leaf if m else None, params, mask)
+    frozen = jax.tree_util.tree_map(lambda leaf, m: None if m else leaf, params, mask)
+    return trainable, frozen
+
+
+def combine(trainable, frozen):
+    """The inverse of `partition`."""
+    return jax.tree_util.tree_map(
+        lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None
+    )
+
+
+def count_parameters(tree) -> int:
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))

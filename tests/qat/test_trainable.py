@@ -1,0 +1,121 @@
+"""The trainable form of a QuantizedLinear: its two conversions, its forward pass against the
+packed layer's, and the roles that choose what a stage trains.
+
+Every comparison here is exact: the trainable forward applies the same float32 operations
+to the same values as dequantizing the packed layer (see mpq_jax.qat.trainable)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpq_jax.capture import rope_for
+from mpq_jax.models.decoder import decoder_block
+from mpq_jax.packed.qlinear import QuantizedLinear
+from mpq_jax.qat.trainable import (
+    ROLE_DENSE,
+    ROLE_SCALE,
+    TrainableLinear,
+    combine,
+    leaf_roles,
+    packed_linear,
+    packed_params,
+    partition,
+    trainable_linear,
+    trainable_mask,
+    trainable_params,
+)
+from mpq_jax.quant.rtn_model import quantize_model_rtn
+from tests.random_layers import random_layer
+
+PLAN = [(2, 40, 16), (3, 64, 32), (16, 8, 0), (4, 24, 8), (8, 8, 8)]  # short last groups, a dense run
+
+
+def _layer(seed, **extras):
+    return random_layer(np.random.default_rng(seed), 12, PLAN, **extras)[0]
+
+
+def _arrays(ql: QuantizedLinear) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(ql)]
+
+
+@pytest.mark.parametrize("extras", [{}, {"rank": 3, "bias": True, "input_scale": True}])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_without_training_is_bit_exact(extras, dtype):
+    ql = _layer(0, **extras)
+    back = packed_linear(trainable_linear(ql, dtype))
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(ql)
+    for a, b in zip(_arrays(back), _arrays(ql)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("extras", [{}, {"rank": 3, "bias": True, "input_scale": True}])
+def test_forward_is_bit_identical_to_the_packed_layer(extras):
+    ql = _layer(1, **extras)
+    tl = trainable_linear(ql)
+    np.testing.assert_array_equal(np.asarray(jax.jit(TrainableLinear.quantized_weight)(tl)), np.asarray(ql.dequantize()))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, ql.in_features)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(TrainableLinear.apply)(tl, x)), np.asarray(jax.jit(QuantizedLinear.apply)(ql, x)))
+
+
+def _perturbed(tl: TrainableLinear, rng) -> TrainableLinear:
+    """Master weights, scales and zeros moved as training would move them (zeros past the code range too)."""
+
+    def move(path, leaf):
+        if leaf is None or not jnp.issubdtype(leaf.dtype, jnp.floating) or "input_scale" in jax.tree_util.keystr(path):
+            return leaf
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if "zero" in jax.tree_util.keystr(path):
+            return leaf + 2.0 * noise
+        return leaf * (1 + 0.2 * noise)
+
+    return jax.tree_util.tree_map_with_path(move, tl)
+
+
+def test_packed_form_of_trained_values_dequantizes_to_the_trainable_forward():
+    rng = np.random.default_rng(3)
+    tl = _perturbed(trainable_linear(_layer(4, rank=2, bias=True, input_scale=True)), rng)
+    back = packed_linear(tl)
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(jax.jit(TrainableLinear.quantized_weight)(tl)))
+    again = packed_linear(trainable_linear(back))
+    for a, b in zip(_arrays(again), _arrays(back)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_roles_and_partition():
+    tl = trainable_linear(_layer(5, rank=2, bias=True, input_scale=True))
+    params = {"norm": {"weight": jnp.ones(4)}, "proj": tl}
+    roles = leaf_roles(params)
+    assert roles["norm"]["weight"] == "frozen" and roles["proj"].perm == "frozen" and roles["proj"].input_scale == "frozen"
+    assert [seg.weight for seg in roles["proj"].segments] == ["weight", "weight", "dense", "weight", "weight"]
+    assert roles["proj"].lowrank_a == "lowrank" and roles["proj"].bias == "bias"
+    mask = trainable_mask(params, {ROLE_DENSE, ROLE_SCALE})
+    trainable, frozen = partition(params, mask)
+    moving = jax.tree_util.tree_leaves(trainable)
+    assert len(moving) == 4 + 1  # four scales and the dense columns
+    assert all(leaf.dtype == jnp.float32 for leaf in moving)
+    rebuilt = combine(trainable, frozen)
+    for a, b in zip(jax.tree_util.tree_leaves(rebuilt), jax.tree_util.tree_leaves(params)):
+        assert a is b
+    with pytest.raises(ValueError, match="unknown roles"):
+        trainable_mask(params, {"steps"})
+
+
+def test_decoder_runs_the_trainable_model_through_the_same_block(load_tiny_model):
+    model = load_tiny_model("llama")
+    packed = quantize_model_rtn(model.params, 3, 16)
+    trainable = trainable_params(packed)
+    tokens = np.random.default_rng(6).integers(0, model.spec.vocab_size, (2, 16))
+    h = model.params["embed_tokens"]["weight"][tokens]
+    cos, sin = rope_for(model.spec, 16)
+    for packed_layer, trainable_layer in zip(packed["layers"], trainable["layers"]):
+        np.testing.assert_array_equal(
+            np.asarray(decoder_block(trainable_layer, model.spec, h, cos, sin)),
+            np.asarray(decoder_block(packed_layer, model.spec, h, cos, sin)),
+        )
+    back = packed_params(trainable)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(packed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
