@@ -9,6 +9,16 @@ caller's `quantize_block` turns the block into quantized form; and the block's o
 computed with the quantized block (as GPTQ does) or with the original one — become the
 hidden states for block i+1.
 
+Resume (`sequential_quantize(resume_dir=...)`): each finished block is written once, to its
+own folder `resume_dir/block_NNN/` (`mpq_jax.block_store.BlockStore`: the block's params,
+its `block_notes` entries and the run fingerprint, atomically), and never rewritten. The
+hidden states entering the next block are not stored: a resumed run recomputes them from the
+calibration tokens through the embedding and the finished blocks (the quantized ones with
+`propagate_quantized`, the original ones without), with the same jitted functions on the
+same inputs as the uninterrupted run, so the result is bit-identical. Writing every finished
+block and the hidden states after every block instead costs quadratic I/O (~100 GB for a
+32-block 7B model); recomputing costs one forward pass through the finished blocks, once.
+
 Peak memory: the parameters of one block being processed plus the calibration hidden states,
 `sources × n_samples × seq_len × hidden_size × 4` bytes (75 MB for 64 × 512 tokens of
 SmolLM2), plus one batch of activations and four [d, d] Hessians per source (d ≤ the
@@ -23,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -32,10 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mpq_jax.errors import CheckpointError
+from mpq_jax.block_store import BlockStore
 from mpq_jax.models.decoder import LINEAR_INPUTS, block_forward, decoder_block, rope_inverse_frequencies, rope_tables
 from mpq_jax.models.spec import ModelSpec
-from mpq_jax.packed.io import MANIFEST_FILE, load_quantized, save_quantized
 from mpq_jax.stats import InputStats, SourceStats
 
 log = logging.getLogger(__name__)
@@ -185,40 +193,48 @@ def sequential_quantize(
     to pool them) and returns the block's new params. `propagate_quantized` feeds the next block
     with the quantized block's outputs (GPTQ's choice) instead of the original block's.
 
-    With `resume_dir`, the finished blocks and the hidden states entering the next block are
-    checkpointed there after every block (atomically), tagged with `fingerprint` (which the
-    caller derives from model, calibration and config). A run started again with the same
-    fingerprint continues after the last finished block and ends with the same result; a
-    different fingerprint starts over.
+    With `resume_dir`, every finished block is written once, to `resume_dir/block_NNN/`
+    (`mpq_jax.block_store.BlockStore`, atomically), with its `block_notes` entries and
+    `fingerprint` (which the caller derives from model, calibration and config); earlier
+    blocks are never rewritten and the hidden states are not stored. A run started again
+    with the same fingerprint loads the finished blocks, recomputes the hidden states entering
+    the next block by running the calibration tokens through the embedding and the finished
+    blocks (quantized ones with `propagate_quantized`, the original ones otherwise; with
+    `hessian_cache` none are needed), and continues: the result is bit-identical to an
+    uninterrupted run's. A different fingerprint starts over; an unreadable block is moved
+    aside and the run continues after the last good block before it.
 
     With `hessian_cache` (only with `propagate_quantized=False`), Hessians come from the
     cache (statistics too), filled first if incomplete, and no forward pass runs while
     quantizing.
 
     `block_notes` is a JSON-serializable dict that `quantize_block` may add to (e.g. per-layer
-    losses for the report); it is checkpointed with the blocks and, on resume, refilled
-    with what the finished blocks had written.
+    losses for the report); the entries a block adds or changes are checkpointed with that
+    block and, on resume, refilled from the finished blocks.
     """
     if hessian_cache is not None:
         if propagate_quantized:
             raise ValueError("a Hessian cache holds the unquantized model's Hessians: use propagate_quantized=False")
         fill_hessian_cache(params, spec, calibration, hessian_cache, batch_size=batch_size, progress=progress)
-    layers, hidden, notes = _resume(resume_dir, fingerprint)
-    if block_notes is not None and notes:
-        block_notes.update(notes)
-    if layers is None:
-        embedding = params["embed_tokens"]["weight"]
-        layers = []
-        hidden = (
-            {}
-            if hessian_cache is not None
-            else {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
-        )
-    elif len(layers):
+    store = None if resume_dir is None else BlockStore(resume_dir, fingerprint)
+    layers = [] if store is None else store.finished()
+    if block_notes is not None and store is not None:
+        block_notes.update(store.notes())
+    if layers:
         log.info("resuming after block %d from %s", len(layers) - 1, resume_dir)
+    hidden = {}
+    if hessian_cache is None:
+        embedding = params["embed_tokens"]["weight"]
+        hidden = {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
+        if layers and len(layers) < len(params["layers"]):  # none are needed once every block is done
+            log.info("recomputing hidden states through %d finished blocks", len(layers))
+            for index, done in enumerate(layers):
+                feed = done if propagate_quantized else params["layers"][index]
+                hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
     todo = range(len(layers), len(params["layers"]))
     for index in tqdm(todo, desc="blocks", unit="block", disable=not progress, initial=len(layers), total=len(params["layers"])):
         layer = params["layers"][index]
+        notes_before = dict(block_notes) if block_notes is not None else {}
         if hessian_cache is not None:
             new_layer = quantize_block(index, layer, hessian_cache.load(index))
         else:
@@ -227,31 +243,11 @@ def sequential_quantize(
             feed = new_layer if propagate_quantized else layer
             hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
         layers.append(new_layer)
-        if resume_dir is not None:
-            metadata = {"fingerprint": fingerprint, "block_notes": block_notes or {}}
-            save_quantized(resume_dir, {"layers": layers, "hidden": hidden}, metadata)
+        if store is not None:
+            store.write(index, new_layer, _changed(notes_before, block_notes or {}))
     return {**params, "layers": layers}
 
 
-def _resume(resume_dir: str | Path | None, fingerprint: str) -> tuple[list | None, dict | None, dict]:
-    """(finished layers, hidden states, block notes) from a matching checkpoint, else (None, None, {})."""
-    if resume_dir is None or not (Path(resume_dir) / MANIFEST_FILE).is_file():
-        return None, None, {}
-    try:
-        state, metadata = load_quantized(resume_dir)
-    except CheckpointError as err:
-        # The folder is this run's scratch state: a broken one (disk trouble, a partial copy)
-        # must not block every restart. Kept aside rather than deleted, for a look at what broke.
-        aside = Path(resume_dir).with_name(f"{Path(resume_dir).name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        try:
-            Path(resume_dir).rename(aside)
-            where = f"moved it to {aside}"
-        except OSError as move_err:
-            where = f"could not move it aside ({move_err}); it will be overwritten"
-        log.warning("resume checkpoint %s cannot be read (%s); %s and starting over", resume_dir, err, where)
-        return None, None, {}
-    if metadata.get("fingerprint") != fingerprint:
-        log.warning("%s holds a run with other settings; starting over", resume_dir)
-        return None, None, {}
-    hidden = {src: np.asarray(h) for src, h in state["hidden"].items()}
-    return list(state["layers"]), hidden, dict(metadata.get("block_notes", {}))
+def _changed(before: dict, after: dict) -> dict:
+    """The entries of `after` that `before` lacks or held another value for (one block's notes)."""
+    return {key: value for key, value in after.items() if key not in before or before[key] != value}

@@ -170,7 +170,7 @@ def test_corrupt_resume_checkpoint_is_moved_aside_and_the_run_starts_over(tiny, 
 
     with pytest.raises(Interrupted):
         sequential_quantize(params, spec, calibration, dies_at_block_1, resume_dir=resume_dir, fingerprint="f1", progress=False)
-    tensors = resume_dir / TENSORS_FILE
+    tensors = resume_dir / "block_000" / TENSORS_FILE  # the one finished block, in its own folder
     raw = bytearray(tensors.read_bytes())
     raw[-64:] = bytes(64)  # same size, other bytes: what a disk error leaves
     tensors.write_bytes(bytes(raw))
@@ -180,13 +180,13 @@ def test_corrupt_resume_checkpoint_is_moved_aside_and_the_run_starts_over(tiny, 
         called.append(index)
         return rtn["layers"][index]
 
-    with caplog.at_level(logging.WARNING, logger="mpq_jax.capture"):
+    with caplog.at_level(logging.WARNING, logger="mpq_jax.block_store"):
         sequential_quantize(params, spec, calibration, records, resume_dir=resume_dir, fingerprint="f1", progress=False)
     assert called == [0, 1]  # nothing trusted from the broken checkpoint
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".resume.corrupt-")]
-    assert len(aside) == 1 and (aside[0] / TENSORS_FILE).read_bytes() == bytes(raw)
+    assert len(aside) == 1 and (aside[0] / "block_000" / TENSORS_FILE).read_bytes() == bytes(raw)
     assert str(resume_dir) in caplog.text and str(aside[0]) in caplog.text and "starting over" in caplog.text
-    assert (resume_dir / TENSORS_FILE).is_file()  # the new run checkpointed afresh
+    assert all((resume_dir / f"block_{i:03d}" / TENSORS_FILE).is_file() for i in (0, 1))  # the new run checkpointed afresh
 
 
 def test_hessian_cache_serves_fp_propagation_without_forward_passes(tiny, tmp_path, monkeypatch):
