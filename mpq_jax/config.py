@@ -78,6 +78,48 @@ class QuantizationConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class QatBlockConfig:
+    # stage 1: each block's weights and quantization parameters trained to reproduce the FP
+    # block's output (MSE), fed with the quantized model's hidden states
+    enabled: bool = True
+    samples: int = 64  # training windows (of qat.seq_len tokens); the paper uses 4096 x 2048
+    epochs: int = 2  # passes over the windows per block
+    batch_size: int = 2  # windows per step
+    lr_weight: float = 2e-5  # master weights, dense (critical) columns, low-rank factors, bias
+    lr_quant: float = 1e-4  # scales and zero points; both decay by cosine to lr/20 over a block
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QatE2eConfig:
+    # stage 2: next-token loss of the whole model, only the trainable set moving
+    enabled: bool = True
+    samples: int = 64  # training windows (of qat.seq_len tokens); the paper uses 50,000 x 2048
+    epochs: int = 1
+    batch_size: int = 1  # windows per forward pass
+    effective_batch: int = 32  # windows per optimizer step (gradients accumulated over batch_size passes)
+    # paper: TAMMP's critical (16-bit) columns and every scale; step_sizes: scales only (EfficientQAT's E2E-QP)
+    trainable: Literal["paper", "step_sizes"] = "paper"
+    lr: float = 2e-5  # scales (step sizes)
+    lr_weight: float = 2e-5  # critical columns
+    warmup: float = 0.03  # share of optimizer steps warming up linearly, then cosine to lr/20
+    clip_norm: float = 1.0  # global gradient-norm clip (0 = off)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QatConfig:
+    # quantization-aware training of whatever the method produced (mpq_jax.qat)
+    enabled: bool = False
+    sources: tuple[str, ...] | None = None  # training text: calibration sources (default: calibration.sources)
+    seq_len: int = 512  # tokens per training window
+    seed: int = 0  # windows drawn and batch order
+    dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and activations while training
+    checkpoint_dir: str | None = None  # training state, for resuming a killed run (default: output_dir/.qat)
+    checkpoint_every: int = 20  # steps between checkpoints (0 = at stage and block ends only)
+    block: QatBlockConfig = dataclasses.field(default_factory=QatBlockConfig)
+    e2e: QatE2eConfig = dataclasses.field(default_factory=QatE2eConfig)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PerplexityConfig:
     enabled: bool = True  # evaluate perplexity after quantizing
     # texts to score: wikitext2 (the test text) and/or a calibration source's heldout split
@@ -125,6 +167,7 @@ class RunConfig:
     save_model: bool = True  # write the packed model to output_dir/model
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)  # gptq only
+    qat: QatConfig = dataclasses.field(default_factory=QatConfig)  # after any method, before saving
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
@@ -203,6 +246,8 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError("calibration: n_samples must be >= 1 and seq_len >= 2")
     if q.group_size < 1:
         raise ConfigError(f"quantization.group_size: must be a positive number of columns, got {q.group_size}")
+    if config.qat.enabled:
+        _validate_qat(config.qat, config.calibration.sources, q.method)
     ppl = config.eval.perplexity
     if ppl.seq_len < 2:
         raise ConfigError(f"eval.perplexity.seq_len: must be at least 2, got {ppl.seq_len}")
@@ -289,6 +334,49 @@ def _validate_tammp(t: TammpConfig, calibration_sources: tuple[str, ...], n_samp
             f"{where}.target_bits: {t.target_bits} is out of reach with critical_share {t.critical_share}: "
             f"choose {low:.3f} to {4 + 12 * t.critical_share:.3f}"
         )
+
+
+def _validate_qat(qat: QatConfig, calibration_sources: tuple[str, ...], method: str) -> None:
+    where = "qat"
+    if method == "none":
+        raise ConfigError(f"{where}.enabled: method none leaves nothing quantized to train; choose a method or disable qat")
+    if not (qat.block.enabled or qat.e2e.enabled):
+        raise ConfigError(f"{where}: enabled with both stages off; enable qat.block or qat.e2e, or set qat.enabled: false")
+    sources = qat.sources if qat.sources is not None else calibration_sources
+    if not sources or len(set(sources)) != len(sources):
+        raise ConfigError(f"{where}.sources: give one or more distinct sources")
+    if qat.seq_len < 2:
+        raise ConfigError(f"{where}.seq_len: must be at least 2 tokens, got {qat.seq_len}")
+    if qat.checkpoint_every < 0:
+        raise ConfigError(f"{where}.checkpoint_every: steps >= 0 (0 = at stage ends only), got {qat.checkpoint_every}")
+    for stage, cfg in (("block", qat.block), ("e2e", qat.e2e)):
+        if not cfg.enabled:
+            continue
+        for name in ("samples", "epochs", "batch_size"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{where}.{stage}.{name}: must be a positive integer, got {getattr(cfg, name)}")
+        if cfg.batch_size > cfg.samples:
+            raise ConfigError(f"{where}.{stage}.batch_size: {cfg.batch_size} is more than the {cfg.samples} samples")
+        rates = ("lr_weight", "lr_quant") if stage == "block" else ("lr", "lr_weight")
+        for name in rates:
+            if not 0 <= getattr(cfg, name) < 1:
+                raise ConfigError(f"{where}.{stage}.{name}: a learning rate in [0, 1), got {getattr(cfg, name)}")
+    e2e = qat.e2e
+    if e2e.enabled:
+        if e2e.effective_batch < e2e.batch_size or e2e.effective_batch % e2e.batch_size:
+            raise ConfigError(
+                f"{where}.e2e.effective_batch: {e2e.effective_batch} must be a multiple of batch_size {e2e.batch_size} "
+                "(gradients are accumulated over whole forward passes)"
+            )
+        if e2e.effective_batch > e2e.samples * e2e.epochs:
+            raise ConfigError(
+                f"{where}.e2e.effective_batch: {e2e.effective_batch} windows per step but only "
+                f"{e2e.samples * e2e.epochs} in the stage; raise e2e.samples or lower effective_batch"
+            )
+        if not 0 <= e2e.warmup < 1:
+            raise ConfigError(f"{where}.e2e.warmup: a share of the steps in [0, 1), got {e2e.warmup}")
+        if e2e.clip_norm < 0:
+            raise ConfigError(f"{where}.e2e.clip_norm: >= 0 (0 = off), got {e2e.clip_norm}")
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -186,3 +186,16 @@ def folder_files(folder: str | Path) -> list[Path]:
 def tokenizer_cache_key(gguf_path: str | Path) -> str:
     """Folder name of a GGUF's converted tokenizer in the cache: its stem and content digest."""
     return f"{Path(gguf_path).stem}-{file_digest(gguf_path)[:16]}"
+
+
+def qat_fingerprint(model: dict, quantization, calibration_config, qat_config, tokens: np.ndarray) -> str:
+    """Key of a QAT run's checkpoints: what the PTQ run was (model, method, calibration), the
+    QAT settings, and the training tokens; any change starts training over."""
+    identity = {
+        "kind": "qat",
+        "model": model,
+        "quantization": dataclasses.asdict(quantization),
+        "calibration": dataclasses.asdict(calibration_config),
+        "qat": dataclasses.asdict(qat_config),
+    }
+    return fingerprint(identity, {"tokens": tokens})

@@ -114,3 +114,28 @@ def stored_float16(x):
 
 
 stored_float16.defvjp(lambda x: (stored_float16(x), None), lambda _, g: (g,))
+
+
+@jax.custom_vjp
+def stored_scale(scale):
+    """The scale as stored (clamped into float16's normal range, rounded to float16, as
+    float32), the gradient passed straight through."""
+    return round_scale_to_fp16(scale)
+
+
+stored_scale.defvjp(lambda s: (stored_scale(s), None), lambda _, g: (g,))
+
+
+def dequantize_fixed_codes(codes, scale, zero, bits: int):
+    """ŵ = (q - z)·s for fixed integer codes q (EfficientQAT's E2E-QP: codes frozen, step
+    sizes trained): ∂ŵ/∂s = q - z and ∂ŵ/∂z = -s exactly, the roundings of s and z straight
+    through. Bit-identical to dequantizing the packed segment."""
+    return dequantize_codes(codes, stored_scale(scale), _stored_zero_ste(zero, bits))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _stored_zero_ste(zero, bits: int):
+    return stored_zero(zero, bits)
+
+
+_stored_zero_ste.defvjp(lambda z, bits: (_stored_zero_ste(z, bits), None), lambda bits, _, g: (g,))

@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpq_jax.packed.planes import leading_rows, unpack_blocks
 from mpq_jax.packed.qlinear import DENSE_BITS, QuantizedLinear, Segment, make_dense_segment, make_segment
-from mpq_jax.qat.ste import fake_quantize, stored_float16
+from mpq_jax.qat.ste import dequantize_fixed_codes, fake_quantize, stored_float16
 from mpq_jax.quant.grid import FP16_MAX, FP16_TINY, max_code
 
 # What a leaf is, for choosing what a stage trains.
@@ -60,14 +61,19 @@ TRAINABLE_ROLES = (ROLE_WEIGHT, ROLE_DENSE, ROLE_SCALE, ROLE_ZERO, ROLE_LOWRANK,
 class TrainSegment:
     """Columns [start, stop) of the permuted order at `bits` (16 = kept dense).
 
-    weight: [out, stop - start] master (or dense) weights; scale, zero: float32
-    [out, n_groups] (None for 16 bits), groups of `group_size` columns from `start`."""
+    weight: [out, stop - start] master (or dense) weights, or None when the codes are fixed;
+    codes:  int32 [out, stop - start] fixed codes (a stage that trains no weights, as
+            EfficientQAT's E2E-QP: then the step sizes get ∂ŵ/∂s = q - z, where master
+            weights sitting on their grid points would give them round(w/s) - w/s = 0);
+    scale, zero: float32 [out, n_groups] (None for 16 bits), groups of `group_size`
+            columns from `start`."""
 
     start: int
     stop: int
     bits: int
     group_size: int
-    weight: jax.Array
+    weight: jax.Array | None = None
+    codes: jax.Array | None = None
     scale: jax.Array | None = None
     zero: jax.Array | None = None
 
@@ -80,7 +86,10 @@ class TrainSegment:
         if self.bits == DENSE_BITS:
             return stored_float16(self.weight)
         group_of_col = np.arange(self.n_cols) // self.group_size
-        return fake_quantize(self.weight, self.scale[:, group_of_col], self.zero[:, group_of_col], self.bits)
+        scale, zero = self.scale[:, group_of_col], self.zero[:, group_of_col]
+        if self.codes is not None:
+            return dequantize_fixed_codes(self.codes, scale, zero, self.bits)
+        return fake_quantize(self.weight, scale, zero, self.bits)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -126,7 +135,7 @@ class TrainableLinear:
 
 
 jax.tree_util.register_dataclass(
-    TrainSegment, data_fields=["weight", "scale", "zero"], meta_fields=["start", "stop", "bits", "group_size"]
+    TrainSegment, data_fields=["weight", "codes", "scale", "zero"], meta_fields=["start", "stop", "bits", "group_size"]
 )
 jax.tree_util.register_dataclass(
     TrainableLinear,
@@ -135,26 +144,26 @@ jax.tree_util.register_dataclass(
 )
 
 
-def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32) -> TrainableLinear:
+def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32, fixed_codes: bool = False) -> TrainableLinear:
     """The trainable form of `packed`, computing the same weights (module docstring).
     `dtype` is that of the master weights (bfloat16 halves the largest training array of a
     7B model and still starts at the packed codes, up to BFLOAT16_EXACT_BITS); dense columns, low-rank factors, bias,
     scales and zeros stay float32: they are a few percent of the weights, and float16
-    values do not survive a trip through bfloat16."""
+    values do not survive a trip through bfloat16. With `fixed_codes` the 2-8-bit segments
+    keep their integer codes instead of master weights (for a stage that trains no weights)."""
 
     def segment(seg: Segment) -> TrainSegment:
         if seg.bits == DENSE_BITS:
             weight = np.asarray(seg.dense, np.float32).T
             return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, jnp.asarray(weight))
-        return TrainSegment(
-            seg.start,
-            seg.stop,
-            seg.bits,
-            seg.group_size,
-            weight=jnp.asarray(np.asarray(seg.dequantize()), dtype if seg.bits <= BFLOAT16_EXACT_BITS else jnp.float32),
-            scale=jnp.asarray(np.asarray(seg.scale, np.float32).T),
-            zero=jnp.asarray(np.asarray(seg.zero, np.float32).T),
-        )
+        scale = jnp.asarray(np.asarray(seg.scale, np.float32).T)
+        zero = jnp.asarray(np.asarray(seg.zero, np.float32).T)
+        if fixed_codes:
+            codes = np.asarray(leading_rows(unpack_blocks(seg.codes, seg.bits), seg.n_cols)).T
+            return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, codes=jnp.asarray(codes, jnp.int32), scale=scale, zero=zero)
+        master_dtype = dtype if seg.bits <= BFLOAT16_EXACT_BITS else jnp.float32
+        weight = jnp.asarray(np.asarray(seg.dequantize()), master_dtype)
+        return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, weight=weight, scale=scale, zero=zero)
 
     def param(a):
         return None if a is None else jnp.asarray(np.asarray(a, np.float32))
@@ -179,14 +188,17 @@ def packed_linear(trainable: TrainableLinear) -> QuantizedLinear:
     layer compiles nothing; the tests check it against the jnp forward bit for bit."""
 
     def segment(seg: TrainSegment) -> Segment:
-        weight = np.asarray(seg.weight, np.float32)
         if seg.bits == DENSE_BITS:
-            return make_dense_segment(weight, seg.start)
+            return make_dense_segment(np.asarray(seg.weight, np.float32), seg.start)
+        weight = None if seg.weight is None else np.asarray(seg.weight, np.float32)
         maxq = max_code(seg.bits)
         scale = np.clip(np.asarray(seg.scale, np.float32), FP16_TINY, FP16_MAX).astype(np.float16).astype(np.float32)
         zero = np.clip(np.round(np.asarray(seg.zero, np.float32)), 0, maxq)
         group_of_col = np.arange(seg.n_cols) // seg.group_size
-        codes = np.clip(np.round(weight / scale[:, group_of_col]) + zero[:, group_of_col], 0, maxq)
+        if seg.codes is not None:
+            codes = np.asarray(seg.codes)
+        else:
+            codes = np.clip(np.round(weight / scale[:, group_of_col]) + zero[:, group_of_col], 0, maxq)
         return make_segment(codes.astype(np.int32), scale, zero, seg.bits, seg.start, seg.group_size)
 
     def param(a):
@@ -206,9 +218,10 @@ def _map_linears(tree, fn, kind):
     return jax.tree_util.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, kind) else leaf, tree, is_leaf=lambda x: isinstance(x, kind))
 
 
-def trainable_params(params: dict, dtype=jnp.float32) -> dict:
-    """Every QuantizedLinear of a params tree (or of one block) in trainable form; other
-    float leaves (embeddings, norms, dense linears) cast to `dtype`, and frozen."""
+def trainable_params(params: dict, dtype=jnp.float32, fixed_codes: bool = False) -> dict:
+    """Every QuantizedLinear of a params tree (or of one block) in trainable form
+    (`trainable_linear`); other float leaves (embeddings, norms, dense linears) cast to
+    `dtype`."""
 
     def cast(leaf):
         if isinstance(leaf, TrainableLinear):
@@ -217,45 +230,49 @@ def trainable_params(params: dict, dtype=jnp.float32) -> dict:
             return jnp.asarray(leaf, dtype)
         return leaf
 
-    converted = _map_linears(params, lambda ql: trainable_linear(ql, dtype), QuantizedLinear)
+    converted = _map_linears(params, lambda ql: trainable_linear(ql, dtype, fixed_codes), QuantizedLinear)
     return jax.tree_util.tree_map(cast, converted, is_leaf=lambda x: isinstance(x, TrainableLinear))
 
 
-def packed_params(params: dict, dtype=None) -> dict:
-    """Every TrainableLinear back in packed form; other float leaves cast to `dtype` if given."""
-    converted = _map_linears(params, packed_linear, TrainableLinear)
-    if dtype is None:
-        return converted
-
-    def cast(leaf):
-        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.asarray(leaf, dtype)
-        return leaf
-
-    return jax.tree_util.tree_map(cast, converted, is_leaf=lambda x: isinstance(x, QuantizedLinear))
+def packed_params(original, trained):
+    """`original` (a packed params tree or block) with each QuantizedLinear replaced by the
+    packed form of its trained counterpart in `trained` (the same tree in trainable form).
+    Everything else comes from `original`: training may run in another dtype, and frozen
+    leaves must come back exactly as they were."""
+    return jax.tree_util.tree_map(
+        lambda before, after: packed_linear(after) if isinstance(before, QuantizedLinear) else before,
+        original,
+        trained,
+        is_leaf=lambda x: isinstance(x, QuantizedLinear),
+    )
 
 
 def leaf_roles(params):
-    """A tree of the same structure with each leaf replaced by its role (module docstring)."""
+    """A tree of the same structure with each leaf replaced by its role (module docstring);
+    works on the halves of a `partition` too."""
+
+    def role(leaf, name):  # absent leaves (and those a partition removed) stay absent
+        return None if leaf is None else name
 
     def linear_roles(tl: TrainableLinear) -> TrainableLinear:
         segments = tuple(
             dataclasses.replace(
                 seg,
-                weight=ROLE_DENSE if seg.bits == DENSE_BITS else ROLE_WEIGHT,
-                scale=None if seg.scale is None else ROLE_SCALE,
-                zero=None if seg.zero is None else ROLE_ZERO,
+                weight=role(seg.weight, ROLE_DENSE if seg.bits == DENSE_BITS else ROLE_WEIGHT),
+                codes=role(seg.codes, ROLE_FROZEN),
+                scale=role(seg.scale, ROLE_SCALE),
+                zero=role(seg.zero, ROLE_ZERO),
             )
             for seg in tl.segments
         )
         return dataclasses.replace(
             tl,
-            perm=ROLE_FROZEN,
+            perm=role(tl.perm, ROLE_FROZEN),
             segments=segments,
-            lowrank_b=None if tl.lowrank_b is None else ROLE_LOWRANK,
-            lowrank_a=None if tl.lowrank_a is None else ROLE_LOWRANK,
-            bias=None if tl.bias is None else ROLE_BIAS,
-            input_scale=None if tl.input_scale is None else ROLE_FROZEN,
+            lowrank_b=role(tl.lowrank_b, ROLE_LOWRANK),
+            lowrank_a=role(tl.lowrank_a, ROLE_LOWRANK),
+            bias=role(tl.bias, ROLE_BIAS),
+            input_scale=role(tl.input_scale, ROLE_FROZEN),
         )
 
     with_linears = _map_linears(params, linear_roles, TrainableLinear)

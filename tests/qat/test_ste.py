@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpq_jax.qat.ste import fake_quantize, fake_quantize_reference, stored_zero
+from mpq_jax.qat.ste import dequantize_fixed_codes, fake_quantize, fake_quantize_reference, stored_zero
 from mpq_jax.quant.grid import dequantize_codes, max_code, quantize_codes, round_scale_to_fp16
 
 
@@ -120,3 +120,17 @@ def test_bfloat16_master_weights_get_bfloat16_gradients():
     out, pullback = jax.vjp(lambda a: fake_quantize(a, jnp.asarray(scale), jnp.asarray(zero), 2), jnp.asarray(w, jnp.bfloat16))
     (g,) = pullback(jnp.ones_like(out))
     assert out.dtype == jnp.float32 and g.dtype == jnp.bfloat16
+
+
+def test_fixed_codes_give_step_sizes_the_gradient_q_minus_z():
+    """E2E-QP: with the codes fixed, ŵ = (q - z)·s is linear in s; its exact gradients."""
+    rng = np.random.default_rng(6)
+    bits = 2
+    codes = rng.integers(0, 4, (4, 6)).astype(np.int32)
+    scale = rng.uniform(0.01, 0.05, (4, 6)).astype(np.float32)
+    zero = rng.integers(0, 4, (4, 6)).astype(np.float32)
+    out, pullback = jax.vjp(lambda s, z: dequantize_fixed_codes(jnp.asarray(codes), s, z, bits), jnp.asarray(scale), jnp.asarray(zero))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(dequantize_codes(codes, round_scale_to_fp16(scale), zero)))
+    g_s, g_z = pullback(jnp.ones_like(out))
+    np.testing.assert_array_equal(np.asarray(g_s), codes - zero)
+    np.testing.assert_allclose(np.asarray(g_z), -np.asarray(round_scale_to_fp16(scale)))

@@ -42,10 +42,10 @@ def _arrays(ql: QuantizedLinear) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("extras", [{}, {"rank": 3, "bias": True, "input_scale": True}])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_round_trip_without_training_is_bit_exact(extras, dtype):
+@pytest.mark.parametrize("dtype,fixed_codes", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.float32, True)])
+def test_round_trip_without_training_is_bit_exact(extras, dtype, fixed_codes):
     ql = _layer(0, **extras)
-    back = packed_linear(trainable_linear(ql, dtype))
+    back = packed_linear(trainable_linear(ql, dtype, fixed_codes))
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(ql)
     for a, b in zip(_arrays(back), _arrays(ql)):
         assert a.dtype == b.dtype
@@ -53,9 +53,10 @@ def test_round_trip_without_training_is_bit_exact(extras, dtype):
 
 
 @pytest.mark.parametrize("extras", [{}, {"rank": 3, "bias": True, "input_scale": True}])
-def test_forward_is_bit_identical_to_the_packed_layer(extras):
+@pytest.mark.parametrize("fixed_codes", [False, True])
+def test_forward_is_bit_identical_to_the_packed_layer(extras, fixed_codes):
     ql = _layer(1, **extras)
-    tl = trainable_linear(ql)
+    tl = trainable_linear(ql, fixed_codes=fixed_codes)
     np.testing.assert_array_equal(np.asarray(jax.jit(TrainableLinear.quantized_weight)(tl)), np.asarray(ql.dequantize()))
     x = jnp.asarray(np.random.default_rng(2).standard_normal((3, ql.in_features)), jnp.float32)
     np.testing.assert_array_equal(np.asarray(jax.jit(TrainableLinear.apply)(tl, x)), np.asarray(jax.jit(QuantizedLinear.apply)(ql, x)))
@@ -75,12 +76,13 @@ def _perturbed(tl: TrainableLinear, rng) -> TrainableLinear:
     return jax.tree_util.tree_map_with_path(move, tl)
 
 
-def test_packed_form_of_trained_values_dequantizes_to_the_trainable_forward():
+@pytest.mark.parametrize("fixed_codes", [False, True])
+def test_packed_form_of_trained_values_dequantizes_to_the_trainable_forward(fixed_codes):
     rng = np.random.default_rng(3)
-    tl = _perturbed(trainable_linear(_layer(4, rank=2, bias=True, input_scale=True)), rng)
+    tl = _perturbed(trainable_linear(_layer(4, rank=2, bias=True, input_scale=True), fixed_codes=fixed_codes), rng)
     back = packed_linear(tl)
     np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(jax.jit(TrainableLinear.quantized_weight)(tl)))
-    again = packed_linear(trainable_linear(back))
+    again = packed_linear(trainable_linear(back, fixed_codes=fixed_codes))
     for a, b in zip(_arrays(again), _arrays(back)):
         np.testing.assert_array_equal(a, b)
 
@@ -100,6 +102,7 @@ def test_roles_and_partition():
     rebuilt = combine(trainable, frozen)
     for a, b in zip(jax.tree_util.tree_leaves(rebuilt), jax.tree_util.tree_leaves(params)):
         assert a is b
+    assert jax.tree_util.tree_leaves(leaf_roles(trainable)) == ["scale", "scale", "dense", "scale", "scale"]
     with pytest.raises(ValueError, match="unknown roles"):
         trainable_mask(params, {"steps"})
 
@@ -116,6 +119,6 @@ def test_decoder_runs_the_trainable_model_through_the_same_block(load_tiny_model
             np.asarray(decoder_block(trainable_layer, model.spec, h, cos, sin)),
             np.asarray(decoder_block(packed_layer, model.spec, h, cos, sin)),
         )
-    back = packed_params(trainable)
+    back = packed_params(packed, trainable)
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(packed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

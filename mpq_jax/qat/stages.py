@@ -1,0 +1,264 @@
+"""The two QAT stages (`../shared/papers/tammp.md` §4.3, EfficientQAT's Block-AP and E2E-QP),
+each a walk over a packed model with the same call shape:
+
+    block_stage(fp_params, packed_params, spec, tokens, qat, checkpoints_root, fingerprint)
+    e2e_stage(packed_params, spec, tokens, qat, checkpoints_root, fingerprint)
+        -> (packed params, StageNote)
+
+Stage 1, block by block: block i's linears in trainable form (master weights through the
+STE, scales, zeros, dense columns, low-rank factors, biases; norms frozen) are trained for
+`epochs` over the windows to minimise  mean (block_q(x_q) - block_fp(x_fp))²,  where x_fp are
+the FP model's hidden states entering block i and x_q the quantized model's (the trained and
+re-packed blocks before it). AdamW, one learning rate for weights and one for quantization
+parameters, each decaying by cosine to lr/20 over the block. The trained block is packed,
+written once (`mpq_jax.block_store.BlockStore`), and its outputs become the next x_q.
+
+Stage 2, the whole model at once: next-token loss on the windows, only the trainable set
+moving (`paper`: 16-bit columns and scales; `step_sizes`: scales), gradients accumulated
+over `effective_batch / batch_size` passes (optax.MultiSteps), clipped by global norm,
+warmup then cosine. Each block is rematerialised (jax.checkpoint), so the backward pass
+holds one block's activations at a time plus every block's input.
+
+Memory (float32 training; bf = bytes of qat.dtype, P_b = a block's weights, P = the model's,
+N windows of T tokens, D hidden size, L blocks, V vocabulary):
+    stage 1  P_b * (bf + 4 + 8) master/grad/Adam + 3 * N * T * D * 4 (x_fp, x_q, targets)
+             + one batch's block activations
+    stage 2  P * bf (frozen model) + P_t * 16 (trainable set: value, gradient accumulator,
+             Adam moments) + L * B * T * D * bf (block inputs kept for the remat) + one
+             block's activations + B * 256 * V * 4 (the LM head, 256 positions at a time)
+
+Data order: windows in a permutation per epoch drawn from the state's key
+(`mpq_jax.qat.loop.epoch_order`); whole batches only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from mpq_jax.block_store import BlockStore
+from mpq_jax.capture import block_outputs, embed_tokens, rope_for
+from mpq_jax.config import QatConfig
+from mpq_jax.models.decoder import block_forward, lm_head_weight, rms_norm, target_log_probs
+from mpq_jax.models.spec import ModelSpec
+from mpq_jax.qat.loop import TrainCheckpoints, TrainState, batch_indices, run_steps, train_step
+from mpq_jax.qat.trainable import (
+    ROLE_BIAS,
+    ROLE_DENSE,
+    ROLE_LOWRANK,
+    ROLE_SCALE,
+    ROLE_WEIGHT,
+    ROLE_ZERO,
+    combine,
+    count_parameters,
+    leaf_roles,
+    packed_params,
+    partition,
+    trainable_mask,
+    trainable_params,
+)
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROLES = frozenset({ROLE_WEIGHT, ROLE_DENSE, ROLE_SCALE, ROLE_ZERO, ROLE_LOWRANK, ROLE_BIAS})
+E2E_ROLES = {"paper": frozenset({ROLE_DENSE, ROLE_SCALE}), "step_sizes": frozenset({ROLE_SCALE})}
+QUANT_ROLES = frozenset({ROLE_SCALE, ROLE_ZERO})  # trained at the quantization-parameter rate
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageNote:
+    """What a stage did: its loss per step (per block for stage 1), steps, trained
+    parameters and wall time."""
+
+    stage: str  # "block" or "e2e"
+    losses: dict[str, list[float]]  # curve name ("block 3", "e2e") -> loss of each step
+    trained_parameters: int  # in the trainable set (per block summed, for stage 1)
+    seconds: float
+
+    def to_json(self) -> dict:
+        first = {name: curve[0] for name, curve in self.losses.items() if curve}
+        last = {name: curve[-1] for name, curve in self.losses.items() if curve}
+        return {
+            "stage": self.stage,
+            "trained_parameters": self.trained_parameters,
+            "seconds": self.seconds,
+            "first_loss": first,
+            "last_loss": last,
+            "losses": self.losses,
+        }
+
+
+def _labels(params):
+    """optax.multi_transform labels: each trainable leaf's learning-rate group."""
+    return jax.tree_util.tree_map(lambda role: "quant" if role in QUANT_ROLES else "weight", leaf_roles(params))
+
+
+def block_optimizer(qat: QatConfig, steps: int) -> optax.GradientTransformation:
+    def adamw(lr: float):
+        return optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=1 / 20), weight_decay=0.0)
+
+    return optax.multi_transform({"weight": adamw(qat.block.lr_weight), "quant": adamw(qat.block.lr_quant)}, _labels)
+
+
+def e2e_optimizer(qat: QatConfig, micro_steps: int) -> optax.GradientTransformation:
+    e2e = qat.e2e
+    accumulate = e2e.effective_batch // e2e.batch_size
+    updates = max(micro_steps // accumulate, 1)
+    warmup = int(round(e2e.warmup * updates))
+
+    def adamw(lr: float):
+        schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, max(updates, warmup + 1), lr / 20)
+        return optax.adamw(schedule, weight_decay=0.0)
+
+    inner = optax.multi_transform({"weight": adamw(e2e.lr_weight), "quant": adamw(e2e.lr)}, _labels)
+    if e2e.clip_norm > 0:
+        inner = optax.chain(optax.clip_by_global_norm(e2e.clip_norm), inner)
+    return optax.MultiSteps(inner, every_k_schedule=accumulate).gradient_transformation()
+
+
+def _block_loss(trainable, frozen, x, target, cos, sin, *, spec: ModelSpec):
+    out = block_forward(combine(trainable, frozen), spec, x, cos, sin)[0]
+    return jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "optimizer"))
+def _block_step(state, frozen, x, target, cos, sin, *, spec, optimizer):
+    return train_step(functools.partial(_block_loss, spec=spec), optimizer, state, frozen, x, target, cos, sin)
+
+
+def _e2e_loss(trainable, frozen, tokens, cos, sin, *, spec: ModelSpec):
+    """Mean next-token negative log-likelihood of tokens [B, T], blocks rematerialised."""
+    params = combine(trainable, frozen)
+    block = jax.checkpoint(lambda layer, h: block_forward(layer, spec, h, cos, sin)[0])
+    h = params["embed_tokens"]["weight"][tokens]
+    for layer in params["layers"]:
+        h = block(layer, h)
+    h = rms_norm(h, params["norm"]["weight"], spec.rms_norm_eps)
+    log_probs, _ = target_log_probs(h[:, :-1], lm_head_weight(params, spec), tokens[:, 1:])
+    return -jnp.mean(log_probs)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "optimizer"))
+def _e2e_step(state, frozen, tokens, cos, sin, *, spec, optimizer):
+    return train_step(functools.partial(_e2e_loss, spec=spec), optimizer, state, frozen, tokens, cos, sin)
+
+
+def block_stage(
+    fp_params: dict,
+    packed: dict,
+    spec: ModelSpec,
+    tokens: np.ndarray,
+    qat: QatConfig,
+    checkpoints_root: Path,
+    fingerprint: str,
+    *,
+    progress: bool = True,
+) -> tuple[dict, StageNote]:
+    """Stage 1 (module docstring). tokens: int [n, T] training windows."""
+    start_time = time.perf_counter()
+    cfg = qat.block
+    dtype = DTYPES[qat.dtype]
+    tokens = np.asarray(tokens[: cfg.samples])
+    n = tokens.shape[0]
+    steps = cfg.epochs * (n // cfg.batch_size)
+    optimizer = block_optimizer(qat, steps)
+    store = BlockStore(checkpoints_root / "blocks", fingerprint)
+    finished = store.finished()
+    notes = store.notes()
+    cos, sin = rope_for(spec, tokens.shape[1])
+    x_fp = np.asarray(embed_tokens(fp_params["embed_tokens"]["weight"], jnp.asarray(tokens)))
+    x_q = np.asarray(embed_tokens(packed["embed_tokens"]["weight"], jnp.asarray(tokens)))
+    if len(finished) == spec.num_layers:
+        return {**packed, "layers": list(finished)}, _block_note(notes, spec, start_time)
+    if finished:
+        log.info("stage 1: recomputing hidden states through %d finished blocks", len(finished))
+    for index, layer in enumerate(finished):
+        x_fp = block_outputs(fp_params["layers"][index], spec, x_fp)
+        x_q = block_outputs(layer, spec, x_q)
+    layers = list(finished)
+    todo = range(len(finished), spec.num_layers)
+    for index in tqdm(todo, desc="QAT blocks", unit="block", disable=not progress, initial=len(finished), total=spec.num_layers):
+        target = block_outputs(fp_params["layers"][index], spec, x_fp)
+        trainable = trainable_params(packed["layers"][index], dtype)
+        moving, frozen = partition(trainable, trainable_mask(trainable, BLOCK_ROLES))
+        state = TrainState.create(moving, optimizer, qat.seed + index, steps)
+        checkpoints = TrainCheckpoints(checkpoints_root / "block_state" / f"{index:03d}", fingerprint, qat.checkpoint_every)
+        state = checkpoints.restore(state) or state
+        x_in = x_q.astype(jnp.dtype(dtype)) if x_q.dtype != jnp.dtype(dtype) else x_q
+
+        def step_fn(state: TrainState) -> TrainState:
+            batch = batch_indices(state.key, int(state.step), n, cfg.batch_size)
+            return _block_step(
+                state, frozen, jnp.asarray(x_in[batch]), jnp.asarray(target[batch]), cos, sin, spec=spec, optimizer=optimizer
+            )
+
+        state = run_steps(state, step_fn, steps, checkpoints, desc=f"block {index}", progress=progress)
+        new_layer = packed_params(packed["layers"][index], combine(state.params, frozen))
+        count = count_parameters(state.params)
+        losses = [float(v) for v in np.asarray(state.losses)]
+        notes[str(index)] = {"losses": losses, "trained_parameters": count}
+        store.write(index, new_layer, {str(index): notes[str(index)]})
+        checkpoints.remove()
+        layers.append(new_layer)
+        x_q = block_outputs(new_layer, spec, x_q)
+        x_fp = target
+        log.info("stage 1 block %d: loss %.4g -> %.4g over %d steps", index, losses[0], losses[-1], steps)
+    return {**packed, "layers": layers}, _block_note(notes, spec, start_time)
+
+
+def _block_note(notes: dict, spec: ModelSpec, start_time: float) -> StageNote:
+    blocks = [notes[str(i)] for i in range(spec.num_layers) if str(i) in notes]
+    curves = {f"block {i}": notes[str(i)]["losses"] for i in range(spec.num_layers) if str(i) in notes}
+    return StageNote("block", curves, sum(int(b["trained_parameters"]) for b in blocks), time.perf_counter() - start_time)
+
+
+def e2e_stage(
+    packed: dict,
+    spec: ModelSpec,
+    tokens: np.ndarray,
+    qat: QatConfig,
+    checkpoints_root: Path,
+    fingerprint: str,
+    *,
+    progress: bool = True,
+) -> tuple[dict, StageNote]:
+    """Stage 2 (module docstring). tokens: int [n, T] training windows."""
+    start_time = time.perf_counter()
+    cfg = qat.e2e
+    dtype = DTYPES[qat.dtype]
+    tokens = np.asarray(tokens[: cfg.samples])
+    n = tokens.shape[0]
+    micro_steps = cfg.epochs * (n // cfg.batch_size)
+    optimizer = e2e_optimizer(qat, micro_steps)
+    roles = E2E_ROLES[cfg.trainable]
+    # No master weights train here, so the codes stay fixed and the step sizes get q - z.
+    trainable = trainable_params(packed, dtype, fixed_codes=ROLE_WEIGHT not in roles)
+    moving, frozen = partition(trainable, trainable_mask(trainable, roles))
+    state = TrainState.create(moving, optimizer, qat.seed, micro_steps)
+    checkpoints = TrainCheckpoints(checkpoints_root / "e2e_state", fingerprint, qat.checkpoint_every)
+    state = checkpoints.restore(state) or state
+    cos, sin = rope_for(spec, tokens.shape[1])
+
+    def step_fn(state: TrainState) -> TrainState:
+        batch = batch_indices(state.key, int(state.step), n, cfg.batch_size)
+        return _e2e_step(state, frozen, jnp.asarray(tokens[batch]), cos, sin, spec=spec, optimizer=optimizer)
+
+    state = run_steps(state, step_fn, micro_steps, checkpoints, desc="QAT end-to-end", progress=progress)
+    result = packed_params(packed, combine(state.params, frozen))
+    # The state stays until the caller has saved the model (the pipeline then removes the
+    # whole checkpoint folder): a run killed in between ends here again without training.
+    losses = [float(v) for v in np.asarray(state.losses)]
+    note = StageNote("e2e", {"e2e": losses}, count_parameters(state.params), time.perf_counter() - start_time)
+    if losses:
+        log.info("stage 2: loss %.4g -> %.4g over %d passes", losses[0], losses[-1], micro_steps)
+    return result, note
