@@ -8,7 +8,10 @@ configuration meets the plain arguments of the stages:
     quantize  the configured method's walk (mpq_jax.quant.registry), with the shared cache of
             the unquantized model's input statistics and resume checkpoints keyed by
             mpq_jax.fingerprint
-    save    the packed model, before evaluating: a failed evaluation keeps it
+    train   quantization-aware training of the packed model, when `qat.enabled`: stage 1
+            block-wise, stage 2 end-to-end (mpq_jax.qat), packed layers in and out
+    save    the packed model, before evaluating: a failed evaluation keeps it; the resume
+            checkpoints of quantize and train are removed once it is written
     evaluate  perplexity sets and lm-eval tasks beside the FP baseline (mpq_jax.eval.suite)
     report  report.json, report.md and the plots (mpq_jax.report)
 
@@ -33,7 +36,7 @@ from mpq_jax.data.calibration import calibration_tokens, sources_from_config
 from mpq_jax.data.paths import cache_dir
 from mpq_jax.errors import MpqError
 from mpq_jax.eval.suite import check_inputs, compare, evaluate, fp_baseline
-from mpq_jax.fingerprint import calibration_fingerprint, model_identity, run_fingerprint
+from mpq_jax.fingerprint import calibration_fingerprint, model_identity, qat_fingerprint, run_fingerprint
 from mpq_jax.models.checkpoint import LoadedModel, load_model, load_tokenizer
 from mpq_jax.models.spec import spec_to_dict
 from mpq_jax.packed.io import save_quantized
@@ -54,17 +57,34 @@ def calibration_for(tokenizer, config: RunConfig) -> dict[str, np.ndarray] | Non
     return calibration_tokens(tokenizer, sources_from_config(cal), cal.n_samples, cal.seq_len, cal.seed)
 
 
-def load_inputs(config: RunConfig, checked: CheckedModel) -> tuple[LoadedModel, dict | None, dict]:
-    """(model, calibration tokens or None, model identity), the calibration text tokenized
-    before the weights are read, so that a source too short for n_samples x seq_len fails
+def training_tokens(tokenizer, config: RunConfig) -> np.ndarray | None:
+    """int32 [n, qat.seq_len] QAT windows (n = the larger stage's samples), taken in turn
+    from each training source (qat.sources, default calibration.sources), or None without QAT."""
+    qat = config.qat
+    if not qat.enabled:
+        return None
+    names = qat.sources if qat.sources is not None else config.calibration.sources
+    n = max(qat.block.samples if qat.block.enabled else 0, qat.e2e.samples if qat.e2e.enabled else 0)
+    per_source = -(-n // len(names))
+    sources = sources_from_config(dataclasses.replace(config.calibration, sources=tuple(names)))
+    windows = calibration_tokens(tokenizer, sources, per_source, qat.seq_len, qat.seed)
+    # Interleaved (window 0 of every source, then window 1, ...), so any prefix mixes the sources.
+    mixed = np.stack([windows[name] for name in names], axis=1).reshape(-1, qat.seq_len)
+    return mixed[:n]
+
+
+def load_inputs(config: RunConfig, checked: CheckedModel) -> tuple[LoadedModel, dict | None, dict, np.ndarray | None]:
+    """(model, calibration tokens or None, model identity, QAT windows or None), the text
+    tokenized before the weights are read, so that a source too short for its windows fails
     in seconds rather than after loading."""
     tokenizer = load_tokenizer(checked.path)
     if evaluates_text(config):
         check_inputs(config.eval, tokenizer)  # a user's text file is now measured in tokens, still before the weights
     calibration = calibration_for(tokenizer, config)
+    training = training_tokens(tokenizer, config)
     identity = model_identity(checked.path, config.dtype)
     model = load_model(checked.path, dtype=config.dtype, with_tokenizer=False)
-    return dataclasses.replace(model, tokenizer=tokenizer), calibration, identity
+    return dataclasses.replace(model, tokenizer=tokenizer), calibration, identity, training
 
 
 def statistics_cache(identity: dict, calibration: dict[str, np.ndarray]) -> HessianCache:
@@ -91,9 +111,30 @@ def quantize_params(
         fingerprint="" if calibration is None else run_fingerprint(identity, config.quantization, config.calibration, calibration),
         output_dir=output_dir,
     )
-    result = method.quantize_model(model.params, method.options(config.quantization), context)
-    shutil.rmtree(resume_dir, ignore_errors=True)  # finished: the block checkpoints are spent
-    return result
+    return method.quantize_model(model.params, method.options(config.quantization), context)
+
+
+def qat_checkpoints(config: RunConfig, output_dir: Path) -> Path:
+    return Path(config.qat.checkpoint_dir) if config.qat.checkpoint_dir is not None else output_dir / ".qat"
+
+
+def train_params(model: LoadedModel, packed: dict, config: RunConfig, output_dir: Path, tokens: np.ndarray, identity: dict):
+    """The train stage: QAT stage 1 and/or 2 on the packed params; returns (params, report
+    entry). Checkpoints (qat.checkpoint_dir, default output_dir/.qat) are keyed by the run's
+    settings and the training tokens, so a killed run started again resumes."""
+    from mpq_jax.qat.stages import block_stage, e2e_stage
+
+    qat = config.qat
+    root = qat_checkpoints(config, output_dir)
+    key = qat_fingerprint(identity, config.quantization, config.calibration, qat, tokens)
+    entry: dict = {"samples": {"block": qat.block.samples, "e2e": qat.e2e.samples}, "seq_len": qat.seq_len, "dtype": qat.dtype}
+    if qat.block.enabled:
+        packed, note = block_stage(model.params, packed, model.spec, tokens, qat, root, key)
+        entry["block"] = note.to_json()
+    if qat.e2e.enabled:
+        packed, note = e2e_stage(packed, model.spec, tokens, qat, root, key)
+        entry["e2e"] = note.to_json()
+    return packed, entry
 
 
 def run(config: RunConfig, output_dir: Path) -> dict:
@@ -102,7 +143,7 @@ def run(config: RunConfig, output_dir: Path) -> dict:
     # Everything that can be checked in seconds, before minutes go into loading and quantizing.
     checked = check_run(config, output_dir)
     start = time.perf_counter()
-    model, calibration, identity = load_inputs(config, checked)
+    model, calibration, identity, training = load_inputs(config, checked)
     timings["load"] = time.perf_counter() - start
     log.info("loaded %s: %s, %d layers", model.source, model.spec.family, model.spec.num_layers)
 
@@ -111,6 +152,13 @@ def run(config: RunConfig, output_dir: Path) -> dict:
     result = quantize_params(model, config, output_dir, calibration, identity)
     params = result.params
     timings["quantize"] = time.perf_counter() - start
+    qat_entry = None
+    if config.qat.enabled:
+        start = time.perf_counter()
+        ptq_bits = average_bits_per_weight(linear_stats(model.params, params))
+        params, qat_entry = train_params(model, params, config, output_dir, training, identity)
+        qat_entry["bits_per_weight_after_ptq"] = ptq_bits
+        timings["train"] = time.perf_counter() - start
     stats = linear_stats(model.params, params)
     report: dict = {
         "model": model.source,
@@ -122,6 +170,8 @@ def run(config: RunConfig, output_dir: Path) -> dict:
     }
     if result.summary:
         report[config.quantization.method] = result.summary
+    if qat_entry is not None:
+        report["qat"] = qat_entry
 
     # Saved before evaluating: an evaluation that fails does not take the quantized model with it.
     packed_dir = output_dir / "model"
@@ -130,6 +180,11 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         save_packed_model(packed_dir, params, model, config)
         timings["save"] = time.perf_counter() - start
         report["packed_model"] = str(packed_dir)
+    # Quantized (and trained) params are in hand, and saved if asked: the checkpoints that
+    # would resume a killed run are spent.
+    shutil.rmtree(output_dir / ".resume", ignore_errors=True)
+    if config.qat.enabled:
+        shutil.rmtree(qat_checkpoints(config, output_dir), ignore_errors=True)
     elif packed_dir.is_dir():
         # A report must never sit beside a model that another run wrote.
         log.info("save_model is false: removing the earlier run's %s", packed_dir)

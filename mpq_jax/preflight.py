@@ -53,7 +53,7 @@ def check_output_dir(folder: Path, field: str = "output_dir") -> None:
         raise ConfigError(
             f"{field}: cannot write into {folder} ({exc.strerror or exc}); choose a folder you can write to"
         ) from None
-    for name in ("model", ".resume"):
+    for name in ("model", ".resume", ".qat"):
         if (folder / name).exists() and not (folder / name).is_dir():
             raise ConfigError(f"{field}: {folder / name} is a file where the run writes a folder; move it away")
 
@@ -114,6 +114,10 @@ def check_run(config: RunConfig, output_dir: Path) -> CheckedModel:
     if method.calibrated:
         check_tokenizer(model, f"quantization.method {method.name} (to read calibration text)")
         check_calibration(config)
+    if config.qat.enabled:
+        check_tokenizer(model, "qat (to read training text)")
+        if config.qat.checkpoint_dir is not None:
+            check_output_dir(Path(config.qat.checkpoint_dir), "qat.checkpoint_dir")
     if evaluates_text(config):
         check_tokenizer(model, "evaluation (eval.perplexity / eval.tasks)")
         check_inputs(config.eval)

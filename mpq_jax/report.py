@@ -51,7 +51,86 @@ def markdown_report(report: dict, note_type: type | None = None, folder: Path | 
     ]
     if note_type is not None:
         lines += note_type.report_section(report["layers"], report.get(report["method"], {}), folder)
+    if "qat" in report:
+        lines += qat_markdown(report["qat"], folder)
     return "\n".join(lines) + "\n"
+
+
+def qat_markdown(qat: dict, folder: Path | None) -> list[str]:
+    """The QAT section: what each stage trained, its loss at the start and end, its time,
+    and `qat_losses.png` (the loss curves)."""
+    lines = [
+        "",
+        "## Quantization-aware training",
+        "",
+        f"{qat['seq_len']}-token windows, {qat['dtype']}; bits per weight {qat['bits_per_weight_after_ptq']:.4f} before and after "
+        "(training moves values, not widths).",
+        "",
+        "| stage | windows | trained parameters | loss, first steps | loss, last steps | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for stage in ("block", "e2e"):
+        if stage not in qat:
+            continue
+        note = qat[stage]
+        first, last = _curve_ends(note["losses"])
+        label = "1: block-wise (MSE to the FP block, mean over blocks)" if stage == "block" else "2: end-to-end (next-token NLL)"
+        lines.append(
+            f"| {label} | {qat['samples'][stage]} | {note['trained_parameters']:,} | {_number(first)} | {_number(last)} | {note['seconds']:.0f} |"
+        )
+    if folder is not None:
+        plot_qat_losses(qat, Path(folder) / "qat_losses.png")
+        lines += ["", "![QAT loss curves](qat_losses.png)"]
+    return lines
+
+
+def _curve_ends(curves: dict[str, list[float]]) -> tuple[float, float]:
+    """Mean over curves of the mean of each curve's first and last tenth (at least one step)."""
+    firsts, lasts = [], []
+    for curve in curves.values():
+        if curve:
+            k = max(1, len(curve) // 10)
+            firsts.append(sum(curve[:k]) / k)
+            lasts.append(sum(curve[-k:]) / k)
+    if not firsts:
+        return float("nan"), float("nan")
+    return sum(firsts) / len(firsts), sum(lasts) / len(lasts)
+
+
+def plot_qat_losses(qat: dict, path: Path) -> None:
+    """Stage 1: each block's loss relative to its first step (one line per block, log
+    scale); stage 2: the loss of each pass and its running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    stages = [stage for stage in ("block", "e2e") if stage in qat]
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        curves = qat[stage]["losses"]
+        if stage == "block":
+            colors = plt.cm.viridis(np.linspace(0, 1, max(len(curves), 1)))
+            for color, (name, curve) in zip(colors, curves.items()):
+                if curve and curve[0] > 0:
+                    ax.plot(np.asarray(curve) / curve[0], color=color, linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_ylabel("block MSE / first step's")
+            ax.set_title(f"stage 1: {len(curves)} blocks (dark = first)")
+        else:
+            curve = np.asarray(curves["e2e"])
+            ax.plot(curve, linewidth=0.6, alpha=0.5, label="per pass")
+            k = max(1, len(curve) // 20)
+            if len(curve) >= k:
+                ax.plot(np.arange(k - 1, len(curve)), np.convolve(curve, np.ones(k) / k, mode="valid"), label=f"mean of {k}")
+            ax.set_ylabel("next-token NLL")
+            ax.set_title("stage 2: end-to-end")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _number(value, digits: int = 4) -> str:
