@@ -2,6 +2,7 @@
 
     python scripts/bench_eval.py [--json PATH] [--limit 50] [--gsm8k-limit 5]
                                  [--methods fp,rtn3,gptq3,amlq3.3] [--no-hf]
+                                 [--packed NAME=DIR,...]
 
 The nine zero-shot multiple-choice local lm-eval tasks, LAMBADA and GSM8K 5-shot on the first
 `--limit` documents (`--gsm8k-limit` for GSM8K, whose greedy generation is slow on CPU), for
@@ -15,6 +16,8 @@ benchmark, so world knowledge and code show as not run:
   amq3.3    the same without the low-rank term
   strategy1 TAMMP Strategy 1 (fp16 / 3-bit / 2-bit columns, five sources, 40 x 512 each)
   strategy2 TAMMP Strategy 2
+  NAME      with --packed NAME=DIR: a packed model saved in DIR, e.g. a QAT model of
+            scripts/bench_qat.py (runs/bench_qat/gptq-2bit-g64/e2e), scored as it is
 
 Calibration: 64 x 512 Wikipedia tokens (the statistics are cached on disk, shared with
 `python -m mpq_jax.quantize` runs). Reported per method: accuracy per task, mean per
@@ -44,6 +47,7 @@ from mpq_jax.eval.harness import MpqJaxLM
 from mpq_jax.eval.torch_reference import lm_eval_hf_model
 from mpq_jax.models.checkpoint import DEFAULT_MODEL, LoadedModel, load_model
 from mpq_jax.output import atomic_write_text
+from mpq_jax.packed.io import MANIFEST_FILE, load_quantized
 from mpq_jax.quant.model import average_bits_per_weight, linear_stats
 from mpq_jax.fingerprint import model_identity
 from mpq_jax.pipeline import calibration_for, quantize_params
@@ -133,12 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="fp,rtn3,gptq3,amlq3.3")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--no-hf", action="store_true", help="skip the speed comparison with lm-eval's hf model")
+    parser.add_argument("--packed", default="", help="NAME=DIR,...: also score packed models saved in DIR (e.g. bench_qat's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "fp" not in methods:
         parser.error(f"--methods: need fp and names from {', '.join(METHODS)}")
+    packed = dict(item.split("=", 1) for item in args.packed.split(",") if item)
+    for name, folder in packed.items():
+        if not (Path(folder) / MANIFEST_FILE).is_file():
+            parser.error(f"--packed: {folder} (for {name}) holds no packed model ({MANIFEST_FILE} missing)")
+    methods += list(packed)
     manager = task_manager()
     model = load_model(args.model)
     output: dict = {"model": model.source, "limit": args.limit, "gsm8k_limit": args.gsm8k_limit, "methods": {}}
@@ -151,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in methods:
         if name == "fp":
             scores, bpw, seconds = fp_scores, 32.0, 0.0
+        elif name in packed:
+            params, _ = load_quantized(packed[name])
+            bpw, seconds = average_bits_per_weight(linear_stats(model.params, params)), 0.0
+            scores, _ = _timed_tasks(MpqJaxLM(model=dataclasses.replace(model, params=params)), manager, args.limit, args.gsm8k_limit)
         else:
             quantized, bpw, seconds = quantized_model(model, name)
             scores, _ = _timed_tasks(MpqJaxLM(model=quantized), manager, args.limit, args.gsm8k_limit)

@@ -130,3 +130,36 @@ def test_tuple_and_mapping_fields(tmp_path):
         parse_section(Section, {"names": ["web", 3]}, "calibration")
     with pytest.raises(ConfigError, match="calibration.paths: expected a mapping"):
         parse_section(Section, {"paths": ["x"]}, "calibration")
+
+
+QAT_ON = "quantization: {method: rtn, bits: 2}\nqat:\n  enabled: true\n"
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        (QAT_ON + "  block: {samples: 0}\n", "qat.block.samples"),
+        (QAT_ON + "  block: {batch_size: 100}\n", "qat.block.batch_size"),
+        (QAT_ON + "  block: {lr_quant: -1.0e-3}\n", "qat.block.lr_quant"),
+        (QAT_ON + "  e2e: {effective_batch: 3, batch_size: 2}\n", "qat.e2e.effective_batch"),
+        (QAT_ON + "  e2e: {samples: 8, effective_batch: 32}\n", "qat.e2e.effective_batch"),
+        (QAT_ON + "  e2e: {trainable: everything}\n", "qat.e2e.trainable"),
+        (QAT_ON + "  e2e: {warmup: 1.5}\n", "qat.e2e.warmup"),
+        (QAT_ON + "  e2e: {clip_norm: -1.0}\n", "qat.e2e.clip_norm"),
+        (QAT_ON + "  dtype: float16\n", "qat.dtype"),
+        (QAT_ON + "  seq_len: 1\n", "qat.seq_len"),
+        (QAT_ON + "  checkpoint_every: -2\n", "qat.checkpoint_every"),
+        (QAT_ON + "  block: {enabled: false}\n  e2e: {enabled: false}\n", "qat:"),
+        (QAT_ON + "  block: {epochs: 2.5}\n", "qat.block.epochs"),
+        ("quantization: {method: none}\nqat: {enabled: true}\n", "qat.enabled"),
+    ],
+)
+def test_qat_mistakes_name_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(write(tmp_path, text))
+
+
+def test_qat_section_parses(tmp_path):
+    config = load_config(write(tmp_path, QAT_ON + "  block: {samples: 8, lr_weight: 0}\n  e2e: {trainable: step_sizes, samples: 32}\n"))
+    assert config.qat.enabled and config.qat.block.samples == 8 and config.qat.block.lr_weight == 0.0
+    assert config.qat.e2e.trainable == "step_sizes" and config.qat.block.epochs == 2
