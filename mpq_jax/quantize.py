@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint's steps at INFO
     try:
         config = load_config(args.config)
         if args.model:
