@@ -91,3 +91,13 @@ def test_e2e_moves_only_the_trainable_set_and_lowers_the_loss(tiny, tmp_path, tr
     frozen_after = [leaf for leaf in jax.tree_util.tree_leaves({k: v for k, v in trained.items() if k != "layers"})]
     for a, b in zip(frozen_after, frozen_before):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_training_runs_and_returns_the_packed_dtypes(tiny, tmp_path):
+    model, packed, tokens = tiny
+    qat = _qat(dtype="bfloat16", block={"epochs": 1}, e2e={"epochs": 1})
+    trained, note = block_stage(model.params, packed, model.spec, tokens, qat, tmp_path / "a", "bf16", progress=False)
+    trained, e2e_note = e2e_stage(trained, model.spec, tokens, qat, tmp_path / "b", "bf16", progress=False)
+    assert all(np.isfinite(c).all() for c in note.losses.values()) and np.isfinite(e2e_note.losses["e2e"]).all()
+    for a, b in zip(jax.tree_util.tree_leaves(trained), jax.tree_util.tree_leaves(packed)):
+        assert a.dtype == b.dtype and a.shape == b.shape
