@@ -180,15 +180,15 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         save_packed_model(packed_dir, params, model, config)
         timings["save"] = time.perf_counter() - start
         report["packed_model"] = str(packed_dir)
+    elif packed_dir.is_dir():
+        # A report must never sit beside a model that another run wrote.
+        log.info("save_model is false: removing the earlier run's %s", packed_dir)
+        shutil.rmtree(packed_dir)
     # Quantized (and trained) params are in hand, and saved if asked: the checkpoints that
     # would resume a killed run are spent.
     shutil.rmtree(output_dir / ".resume", ignore_errors=True)
     if config.qat.enabled:
         shutil.rmtree(qat_checkpoints(config, output_dir), ignore_errors=True)
-    elif packed_dir.is_dir():
-        # A report must never sit beside a model that another run wrote.
-        log.info("save_model is false: removing the earlier run's %s", packed_dir)
-        shutil.rmtree(packed_dir)
 
     start = time.perf_counter()
     try:
