@@ -189,7 +189,7 @@ def block_stage(
     todo = range(len(finished), spec.num_layers)
     for index in tqdm(todo, desc="QAT blocks", unit="block", disable=not progress, initial=len(finished), total=spec.num_layers):
         target = block_outputs(fp_params["layers"][index], spec, x_fp)
-        trainable = trainable_params(packed["layers"][index], dtype)
+        trainable = trainable_params(packed["layers"][index], dtype, fp_params=fp_params["layers"][index])
         moving, frozen = partition(trainable, trainable_mask(trainable, BLOCK_ROLES))
         state = TrainState.create(moving, optimizer, qat.seed + index, steps)
         checkpoints = TrainCheckpoints(checkpoints_root / "block_state" / f"{index:03d}", fingerprint, qat.checkpoint_every)

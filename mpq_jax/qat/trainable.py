@@ -15,12 +15,12 @@ and replaces what training changes by float arrays in the natural [out, cols] la
     training computes with the values the packed layer will store)
     perm, input_scale     kept as they are, never trained
 
-The master weights start at the packed layer's own grid values, (q - z)·s, not at the FP
-weights: re-rounding the FP weights would replace GPTQ's (or AMLQ's, or TAMMP's)
-error-compensated codes by round-to-nearest ones and throw away what the method found.
-From there every width reproduces its codes exactly, so a converted model computes
-bit-for-bit what the packed one computes, and converting back without training returns
-the identical packed layer. The FP model enters QAT only as stage 1's target.
+The master weights keep the packed layer's codes: they are the FP weights moved into the
+rounding cell of the code the method chose (`trainable_linear` with the FP weights), or the
+cell centres (q - z)·s without them. Re-rounding the FP weights instead would replace GPTQ's
+(or AMLQ's, or TAMMP's) error-compensated codes by round-to-nearest ones and throw away what
+the method found. Either way a converted model computes bit-for-bit what the packed one
+computes, and converting back without training returns the identical packed layer.
 
 The decoder runs a TrainableLinear through the same block code as every other linear
 (`mpq_jax.models.decoder.linear` calls `apply`).
@@ -144,26 +144,55 @@ jax.tree_util.register_dataclass(
 )
 
 
-def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32, fixed_codes: bool = False) -> TrainableLinear:
+# Master weights taken from the FP weights stay this far (in grid steps) inside the packed
+# code's rounding cell, so that they round to that code in float32 without a tie.
+CELL_MARGIN = 0.01
+
+
+def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32, fixed_codes: bool = False, fp_weight=None) -> TrainableLinear:
     """The trainable form of `packed`, computing the same weights (module docstring).
+
+    fp_weight: the layer's FP weights [out, in] (original column order), or None. Each master
+    weight starts at the FP value moved into the rounding cell of the code the method chose,
+    (q - z ± (1/2 - CELL_MARGIN))·s, open-ended past the grid's first and last codes; so the
+    codes (and the forward pass) are exactly the packed layer's, while a weight whose FP value
+    lies near or past its cell's edge (GPTQ's error compensation moved it there) sits where a
+    small step can move it back. Started at the cell centres instead (fp_weight None), master
+    weights need half a grid step of travel before any code changes (at 2 bits that is more
+    than Adam moves them in hundreds of steps at the usual rates) and the STE's scale gradient
+    round(w/s) - w/s is exactly zero. The FP target of the quantized part is
+    (W - B A) / input_scale, in the permuted column order.
+
     `dtype` is that of the master weights (bfloat16 halves the largest training array of a
-    7B model and still starts at the packed codes, up to BFLOAT16_EXACT_BITS); dense columns, low-rank factors, bias,
-    scales and zeros stay float32: they are a few percent of the weights, and float16
-    values do not survive a trip through bfloat16. With `fixed_codes` the 2-8-bit segments
-    keep their integer codes instead of master weights (for a stage that trains no weights)."""
+    7B model; a master weight whose bfloat16 value would round to another code starts at its
+    cell centre instead, which bfloat16 holds exactly up to BFLOAT16_EXACT_BITS); dense columns,
+    low-rank factors, bias, scales and zeros stay float32: they are a few percent of the weights,
+    and float16 values do not survive a trip through bfloat16. With `fixed_codes` the 2-8-bit
+    segments keep their integer codes instead of master weights (for a stage that trains no
+    weights)."""
+    target = None
+    if fp_weight is not None and not fixed_codes:
+        target = np.asarray(fp_weight, np.float32)
+        if packed.lowrank_a is not None:
+            target = target - np.asarray(packed.lowrank_b, np.float32) @ np.asarray(packed.lowrank_a, np.float32)
+        if packed.input_scale is not None:
+            target = target / np.asarray(packed.input_scale, np.float32)[None, :]
+        target = target[:, np.asarray(packed.perm)]
 
     def segment(seg: Segment) -> TrainSegment:
         if seg.bits == DENSE_BITS:
             weight = np.asarray(seg.dense, np.float32).T
             return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, jnp.asarray(weight))
-        scale = jnp.asarray(np.asarray(seg.scale, np.float32).T)
-        zero = jnp.asarray(np.asarray(seg.zero, np.float32).T)
+        scale = np.asarray(seg.scale, np.float32).T
+        zero = np.asarray(seg.zero, np.float32).T
+        codes = np.asarray(leading_rows(unpack_blocks(seg.codes, seg.bits), seg.n_cols)).T
         if fixed_codes:
-            codes = np.asarray(leading_rows(unpack_blocks(seg.codes, seg.bits), seg.n_cols)).T
-            return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, codes=jnp.asarray(codes, jnp.int32), scale=scale, zero=zero)
+            return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, codes=jnp.asarray(codes, jnp.int32), scale=jnp.asarray(scale), zero=jnp.asarray(zero))
         master_dtype = dtype if seg.bits <= BFLOAT16_EXACT_BITS else jnp.float32
-        weight = jnp.asarray(np.asarray(seg.dequantize()), master_dtype)
-        return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, weight=weight, scale=scale, zero=zero)
+        centre = np.asarray(seg.dequantize(), np.float32)
+        weight = centre if target is None else _inside_cells(target[:, seg.start : seg.stop], codes, scale, zero, seg)
+        weight = _keeping_codes(weight, centre, codes, scale, zero, seg, master_dtype)
+        return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, weight=weight, scale=jnp.asarray(scale), zero=jnp.asarray(zero))
 
     def param(a):
         return None if a is None else jnp.asarray(np.asarray(a, np.float32))
@@ -178,6 +207,31 @@ def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32, fixed_codes: bo
         bias=param(packed.bias),
         input_scale=packed.input_scale,
     )
+
+
+def _grid(seg: Segment, scale, zero):
+    group_of_col = np.arange(seg.n_cols) // seg.group_size
+    return scale[:, group_of_col], zero[:, group_of_col]
+
+
+def _inside_cells(target, codes, scale, zero, seg: Segment) -> np.ndarray:
+    """target [out, cols] clipped into each code's rounding cell (open past the end codes)."""
+    s, z = _grid(seg, scale, zero)
+    k = codes - z
+    half = 0.5 - CELL_MARGIN
+    low = np.where(codes == 0, -np.inf, (k - half) * s)
+    high = np.where(codes == max_code(seg.bits), np.inf, (k + half) * s)
+    return np.clip(target, low, high).astype(np.float32)
+
+
+def _keeping_codes(weight, centre, codes, scale, zero, seg: Segment, dtype) -> jax.Array:
+    """`weight` in `dtype`, each entry that would not round to its code replaced by its
+    cell centre (checked with the forward pass's own float32 arithmetic)."""
+    cast = np.asarray(jnp.asarray(weight, dtype).astype(jnp.float32))
+    s, z = _grid(seg, scale, zero)
+    s = np.clip(s, FP16_TINY, FP16_MAX).astype(np.float16).astype(np.float32)
+    same = np.clip(np.round(cast / s) + z, 0, max_code(seg.bits)) == codes
+    return jnp.asarray(np.where(same, cast, centre), dtype)
 
 
 def packed_linear(trainable: TrainableLinear) -> QuantizedLinear:
@@ -218,10 +272,10 @@ def _map_linears(tree, fn, kind):
     return jax.tree_util.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, kind) else leaf, tree, is_leaf=lambda x: isinstance(x, kind))
 
 
-def trainable_params(params: dict, dtype=jnp.float32, fixed_codes: bool = False) -> dict:
+def trainable_params(params: dict, dtype=jnp.float32, fixed_codes: bool = False, fp_params: dict | None = None) -> dict:
     """Every QuantizedLinear of a params tree (or of one block) in trainable form
-    (`trainable_linear`); other float leaves (embeddings, norms, dense linears) cast to
-    `dtype`."""
+    (`trainable_linear`, with the FP weights at the same place in `fp_params` if given);
+    other float leaves (embeddings, norms, dense linears) cast to `dtype`."""
 
     def cast(leaf):
         if isinstance(leaf, TrainableLinear):
@@ -230,7 +284,15 @@ def trainable_params(params: dict, dtype=jnp.float32, fixed_codes: bool = False)
             return jnp.asarray(leaf, dtype)
         return leaf
 
-    converted = _map_linears(params, lambda ql: trainable_linear(ql, dtype, fixed_codes), QuantizedLinear)
+    if fp_params is None:
+        converted = _map_linears(params, lambda ql: trainable_linear(ql, dtype, fixed_codes), QuantizedLinear)
+    else:
+        converted = jax.tree_util.tree_map(
+            lambda leaf, fp: trainable_linear(leaf, dtype, fixed_codes, fp["weight"]) if isinstance(leaf, QuantizedLinear) else leaf,
+            params,
+            fp_params,
+            is_leaf=lambda x: isinstance(x, QuantizedLinear),
+        )
     return jax.tree_util.tree_map(cast, converted, is_leaf=lambda x: isinstance(x, TrainableLinear))
 
 

@@ -76,6 +76,40 @@ def _perturbed(tl: TrainableLinear, rng) -> TrainableLinear:
     return jax.tree_util.tree_map_with_path(move, tl)
 
 
+@pytest.mark.parametrize("extras", [{}, {"rank": 3, "bias": True, "input_scale": True}])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_master_weights_from_fp_weights_keep_the_codes_and_follow_the_fp_values(extras, dtype):
+    rng = np.random.default_rng(7)
+    ql, w = random_layer(rng, 12, PLAN, **extras)[:2]
+    fp = w + rng.normal(0, 0.02, w.shape)  # the FP weights the method started from
+    tl = trainable_linear(ql, dtype, fp_weight=fp)
+    back = packed_linear(tl)
+    for a, b in zip(_arrays(back), _arrays(ql)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(jax.jit(TrainableLinear.quantized_weight)(tl)), np.asarray(ql.dequantize()))
+    # Off their cell centres: toward the FP value, within half a grid step of the centre.
+    target = np.asarray(fp, np.float32)
+    if ql.lowrank_a is not None:
+        target = target - np.asarray(ql.lowrank_b, np.float32) @ np.asarray(ql.lowrank_a, np.float32)
+    if ql.input_scale is not None:
+        target = target / np.asarray(ql.input_scale, np.float32)[None, :]
+    target = target[:, np.asarray(ql.perm)]
+    seg, train_seg = ql.segments[0], tl.segments[0]
+    centre = np.asarray(seg.dequantize())
+    master = np.asarray(train_seg.weight, np.float32)
+    group_of_col = np.arange(seg.n_cols) // seg.group_size
+    step = np.asarray(seg.scale, np.float32).T[:, group_of_col]
+    code = np.round(centre / step) + np.asarray(seg.zero, np.float32).T[:, group_of_col]
+    end_code = (code == 0) | (code == 2**seg.bits - 1)  # open-ended cells past the grid
+    assert np.all((np.abs(master - centre) <= 0.5 * step + 1e-6) | end_code)
+    moved = np.abs(master - centre) > 1e-6
+    assert moved.mean() > 0.5
+    # Toward the FP value, wherever that is further from the centre than a bfloat16 rounding.
+    clear = moved & (np.abs(target[:, : seg.n_cols] - centre) > 2.0**-7 * np.abs(centre) + 1e-6)
+    assert clear.mean() > 0.5
+    assert (np.sign(master - centre)[clear] == np.sign(target[:, : seg.n_cols] - centre)[clear]).all()
+
+
 @pytest.mark.parametrize("fixed_codes", [False, True])
 def test_packed_form_of_trained_values_dequantizes_to_the_trainable_forward(fixed_codes):
     rng = np.random.default_rng(3)
