@@ -4,9 +4,21 @@ skips with a reason when the shared data or the model package is absent."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
-import jax
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist each worker gets one core's worth of threads: XLA's, BLAS's and
+    # torch's pools would otherwise each span every core, and two workers on two cores
+    # spent half their CPU time contending (user time 1.5x the serial run's). Set before
+    # jax, numpy's BLAS or torch start their pools.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
+
+import jax  # noqa: E402  (after the thread settings above)
+import pytest  # noqa: E402
 
 from mpq_jax.errors import ConfigError
 

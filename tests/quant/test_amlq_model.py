@@ -72,7 +72,7 @@ def test_real_model_measure_allocate_build(default_model, wikitext_tokens, tmp_p
     cache = HessianCache(tmp_path, "real")
     presets = (Preset(128, ((2, 1.0),)), Preset(128, ((4, 1.0),)))
     measurement = measure_model(
-        model.params, model.spec, calibration, cache, presets=presets, alpha_grid=(0.0, 0.5), lowrank_bpw=(0.25,), progress=False
+        model.params, model.spec, calibration, cache, presets=presets, alpha_grid=(0.0,), lowrank_bpw=(0.25,), progress=False
     )
     windows = make_windows(wikitext_tokens, 512, 1)
     results = {}

@@ -68,7 +68,7 @@ def test_gptq_beats_rtn_at_3_bits_on_smollm2(default_model, wikitext_tokens, sha
     from mpq_jax.eval.perplexity import make_windows, perplexity
     from mpq_jax.quant.rtn_model import quantize_model_rtn
 
-    calibration = calibration_tokens(default_model.tokenizer, default_sources(["wikipedia"]), 32, 256, seed=0)
+    calibration = calibration_tokens(default_model.tokenizer, default_sources(["wikipedia"]), 16, 256, seed=0)
     context = WalkContext(spec=default_model.spec, calibration=calibration)
     gptq = quantize_model(default_model.params, GptqOptions(bits=3, group_size=64), context).params
     windows = make_windows(wikitext_tokens, 512, max_windows=2)
