@@ -12,7 +12,6 @@ is that sum, doubled for the low-rank and bias terms' own float32 rounding.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
