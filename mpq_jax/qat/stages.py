@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from mpq_jax.block_store import BlockStore
 from mpq_jax.capture import block_outputs, embed_tokens, rope_for
 from mpq_jax.config import QatConfig
-from mpq_jax.models.decoder import block_forward, lm_head_weight, rms_norm, target_log_probs
+from mpq_jax.models.decoder import block_forward, decoder_block, lm_head_weight, rms_norm, target_log_probs
 from mpq_jax.models.spec import ModelSpec
 from mpq_jax.qat.loop import TrainCheckpoints, TrainState, batch_indices, run_steps, train_step
 from mpq_jax.qat.trainable import (
@@ -212,8 +212,21 @@ def block_stage(
         layers.append(new_layer)
         x_q = block_outputs(new_layer, spec, x_q)
         x_fp = target
+        _release_programs_of(packed["layers"], index)
         log.info("stage 1 block %d: loss %.4g -> %.4g over %d steps", index, losses[0], losses[-1], steps)
     return {**packed, "layers": layers}, _block_note(notes, spec, start_time)
+
+
+def _release_programs_of(layers: list, index: int) -> None:
+    """Free block `index`'s compiled training step and block forward when the next block has
+    another structure (TAMMP's blocks each have their own segment lengths, so they are never
+    reused). Every XLA CPU executable holds memory mappings until freed, and a 30-block TAMMP
+    run compiled enough of them to reach vm.max_map_count ("LLVM compilation error: Cannot
+    allocate memory" in block 25 on the default model). Uniform methods keep their one program."""
+    following = layers[index + 1] if index + 1 < len(layers) else None
+    if following is None or jax.tree_util.tree_structure(following) != jax.tree_util.tree_structure(layers[index]):
+        _block_step.clear_cache()
+        decoder_block.clear_cache()
 
 
 def _block_note(notes: dict, spec: ModelSpec, start_time: float) -> StageNote:
