@@ -189,7 +189,8 @@ def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32, fixed_codes: bo
         if fixed_codes:
             return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, codes=jnp.asarray(codes, jnp.int32), scale=jnp.asarray(scale), zero=jnp.asarray(zero))
         master_dtype = dtype if seg.bits <= BFLOAT16_EXACT_BITS else jnp.float32
-        centre = np.asarray(seg.dequantize(), np.float32)
+        grid_scale, grid_zero = _grid(seg, _stored_scale(scale), zero)
+        centre = (codes.astype(np.float32) - grid_zero) * grid_scale  # seg.dequantize(), from the codes in hand
         weight = centre if target is None else _inside_cells(target[:, seg.start : seg.stop], codes, scale, zero, seg)
         weight = _keeping_codes(weight, centre, codes, scale, zero, seg, master_dtype)
         return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, weight=weight, scale=jnp.asarray(scale), zero=jnp.asarray(zero))
@@ -207,6 +208,11 @@ def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32, fixed_codes: bo
         bias=param(packed.bias),
         input_scale=packed.input_scale,
     )
+
+
+def _stored_scale(scale) -> np.ndarray:
+    """numpy's grid.round_scale_to_fp16: the float32 value of the scale as stored."""
+    return np.clip(np.asarray(scale, np.float32), FP16_TINY, FP16_MAX).astype(np.float16).astype(np.float32)
 
 
 def _grid(seg: Segment, scale, zero):
@@ -228,8 +234,7 @@ def _keeping_codes(weight, centre, codes, scale, zero, seg: Segment, dtype) -> j
     """`weight` in `dtype`, each entry that would not round to its code replaced by its
     cell centre (checked with the forward pass's own float32 arithmetic)."""
     cast = np.asarray(jnp.asarray(weight, dtype).astype(jnp.float32))
-    s, z = _grid(seg, scale, zero)
-    s = np.clip(s, FP16_TINY, FP16_MAX).astype(np.float16).astype(np.float32)
+    s, z = _grid(seg, _stored_scale(scale), zero)
     same = np.clip(np.round(cast / s) + z, 0, max_code(seg.bits)) == codes
     return jnp.asarray(np.where(same, cast, centre), dtype)
 
@@ -246,7 +251,7 @@ def packed_linear(trainable: TrainableLinear) -> QuantizedLinear:
             return make_dense_segment(np.asarray(seg.weight, np.float32), seg.start)
         weight = None if seg.weight is None else np.asarray(seg.weight, np.float32)
         maxq = max_code(seg.bits)
-        scale = np.clip(np.asarray(seg.scale, np.float32), FP16_TINY, FP16_MAX).astype(np.float16).astype(np.float32)
+        scale = _stored_scale(np.asarray(seg.scale, np.float32))
         zero = np.clip(np.round(np.asarray(seg.zero, np.float32)), 0, maxq)
         group_of_col = np.arange(seg.n_cols) // seg.group_size
         if seg.codes is not None:
