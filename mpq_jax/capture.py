@@ -39,8 +39,10 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from mpq_jax import parallel
 from mpq_jax.block_store import BlockStore
 from mpq_jax.models.decoder import LINEAR_INPUTS, block_forward, decoder_block, rope_inverse_frequencies, rope_tables
 from mpq_jax.models.spec import ModelSpec
@@ -62,13 +64,19 @@ def embed_tokens(embedding: jax.Array, tokens: jax.Array) -> jax.Array:
     return embedding[tokens]
 
 
-@jax.jit
-def _add_moments(sums: tuple, x: jax.Array) -> tuple:
+def _moments_update(sums: tuple, x: jax.Array) -> tuple:
     """(Σ 2xxᵀ, Σ x, Σ |x|) + this batch, x [..., d] flattened to [tokens, d], in float32."""
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     gram, total, total_abs = sums
     gram = gram + 2.0 * jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
     return gram, total + rows.sum(axis=0), total_abs + jnp.abs(rows).sum(axis=0)
+
+
+_add_moments = jax.jit(_moments_update)
+
+
+def _zero_moments(d: int) -> tuple:
+    return jnp.zeros((d, d), jnp.float32), jnp.zeros(d, jnp.float32), jnp.zeros(d, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -81,18 +89,75 @@ def _batches(hidden: np.ndarray, batch_size: int):
         yield jnp.asarray(hidden[start : start + batch_size])
 
 
-def block_statistics(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8) -> dict[str, InputStats]:
-    """InputStats of each linear input of a block, X over every token of hidden [n, T, D]."""
+def block_statistics(
+    layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8, mesh: Mesh | None = None
+) -> dict[str, InputStats]:
+    """InputStats of each linear input of a block, X over every token of hidden [n, T, D].
+
+    With a mesh, `hidden` is this process's share of the windows (`parallel.process_share`
+    over both axes) and the statistics are those of every process's windows together: each
+    device runs its own windows through the replicated block and the sums are reduced across
+    the mesh (`_sharded_moments`)."""
+    if mesh is not None:
+        x = parallel.global_batch(hidden, mesh, parallel.AXES)
+        sums = parallel.to_host(_sharded_moments(_replicate(layer, mesh), x, *rope_for(spec, hidden.shape[1]), spec=spec, mesh=mesh, batch=_device_batch(x, mesh, batch_size)))
+        tokens = x.shape[0] * x.shape[1]
+        return {name: _mean_stats(*sums[name], tokens) for name in LINEAR_INPUTS}
     cos, sin = rope_for(spec, hidden.shape[1])
     sums: dict[str, tuple] = {}
     for batch in _batches(hidden, batch_size):
         for name, x in _block_inputs(layer, spec, batch, cos, sin).items():
             if name not in sums:
-                d = x.shape[-1]
-                sums[name] = (jnp.zeros((d, d), jnp.float32), jnp.zeros(d, jnp.float32), jnp.zeros(d, jnp.float32))
+                sums[name] = _zero_moments(x.shape[-1])
             sums[name] = _add_moments(sums[name], x)
     tokens = hidden.shape[0] * hidden.shape[1]
     return {name: _mean_stats(*sums[name], tokens) for name in LINEAR_INPUTS}
+
+
+def _replicate(tree, mesh: Mesh):
+    return parallel.put_global(tree, jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), tree))
+
+
+def _device_batch(x: jax.Array, mesh: Mesh, batch_size: int) -> int:
+    """Windows per scan step on each device: the largest divisor of its share <= batch_size."""
+    per_device = x.shape[0] // mesh.size
+    return max(b for b in range(1, min(batch_size, per_device) + 1) if per_device % b == 0)
+
+
+def _local_batches(x: jax.Array, batch: int) -> jax.Array:
+    return x.reshape(x.shape[0] // batch, batch, *x.shape[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh", "batch"))
+def _sharded_moments(layer, x, cos, sin, *, spec: ModelSpec, mesh: Mesh, batch: int) -> dict:
+    """Σ 2xxᵀ, Σ x, Σ |x| of every linear input over all windows of x [n, T, D] (split over
+    every device of the mesh). shard_map because the per-device work is explicit: each
+    device scans its own windows through the replicated block, then one psum per sum adds
+    the devices' [d, d] matrices (float32, so the result equals one device's within float32
+    rounding of the summation order)."""
+
+    def local(layer, x_local):
+        def body(sums, xb):
+            inputs = block_forward(layer, spec, xb, cos, sin)[1]
+            return {name: _moments_update(sums[name], inputs[name]) for name in LINEAR_INPUTS}, None
+
+        shapes = jax.eval_shape(lambda: block_forward(layer, spec, x_local[:batch], cos, sin)[1])
+        start = {name: _zero_moments(shapes[name].shape[-1]) for name in LINEAR_INPUTS}
+        sums, _ = jax.lax.scan(body, start, _local_batches(x_local, batch))
+        return jax.tree_util.tree_map(lambda s: jax.lax.psum(s, parallel.AXES), sums)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.AXES)), out_specs=P(), check_vma=False)(layer, x)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh", "batch"))
+def _sharded_outputs(layer, x, cos, sin, *, spec: ModelSpec, mesh: Mesh, batch: int) -> jax.Array:
+    """The block's outputs for x [n, T, D], each device on its own windows (stays split)."""
+
+    def local(layer, x_local):
+        out = jax.lax.map(lambda xb: block_forward(layer, spec, xb, cos, sin)[0], _local_batches(x_local, batch))
+        return out.reshape(x_local.shape[0], *out.shape[2:])
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.AXES)), out_specs=P(parallel.AXES), check_vma=False)(layer, x)
 
 
 def _mean_stats(gram, total, total_abs, tokens: int) -> InputStats:
@@ -106,9 +171,14 @@ def _mean_stats(gram, total, total_abs, tokens: int) -> InputStats:
     return InputStats((gram + gram.T) / (2 * tokens), np.asarray(total) / tokens, np.asarray(total_abs) / tokens)
 
 
-def block_outputs(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """hidden [n, T, D] after the block, computed batch by batch."""
+def block_outputs(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: int = 8, mesh: Mesh | None = None) -> np.ndarray:
+    """hidden [n, T, D] after the block, computed batch by batch (with a mesh: this process's
+    share, each device on its own windows, as `block_statistics`)."""
     cos, sin = rope_for(spec, hidden.shape[1])
+    if mesh is not None:
+        x = parallel.global_batch(hidden, mesh, parallel.AXES)
+        out = _sharded_outputs(_replicate(layer, mesh), x, cos, sin, spec=spec, mesh=mesh, batch=_device_batch(x, mesh, batch_size))
+        return parallel.local_rows(out)
     return np.concatenate([np.asarray(decoder_block(layer, spec, batch, cos, sin)) for batch in _batches(hidden, batch_size)])
 
 
@@ -159,17 +229,29 @@ class HessianCache:
 
 
 def fill_hessian_cache(
-    params: dict, spec: ModelSpec, calibration: Mapping[str, np.ndarray], cache: HessianCache, *, batch_size: int = 8, progress: bool = True
+    params: dict,
+    spec: ModelSpec,
+    calibration: Mapping[str, np.ndarray],
+    cache: HessianCache,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> None:
-    """Compute and store every block's statistics with the original blocks propagating (no-op if complete)."""
+    """Compute and store every block's statistics with the original blocks propagating (no-op
+    if complete). With a mesh, `calibration` is this process's share of the windows; every
+    process computes the reduced statistics and process 0 writes them."""
     if cache.complete(len(params["layers"])):
         log.info("Hessians found in %s", cache.folder)
         return
     embedding = params["embed_tokens"]["weight"]
     hidden = {src: np.asarray(embed_tokens(embedding, jnp.asarray(tok))) for src, tok in calibration.items()}
     for index, layer in enumerate(tqdm(params["layers"], desc="Hessians", unit="block", disable=not progress)):
-        cache.store(index, {src: block_statistics(layer, spec, h, batch_size) for src, h in hidden.items()})
-        hidden = {src: block_outputs(layer, spec, h, batch_size) for src, h in hidden.items()}
+        stats = {src: block_statistics(layer, spec, h, batch_size, mesh) for src, h in hidden.items()}
+        if parallel.is_leader():
+            cache.store(index, stats)
+        hidden = {src: block_outputs(layer, spec, h, batch_size, mesh) for src, h in hidden.items()}
+    parallel.sync("hessian cache written")
 
 
 def sequential_quantize(
@@ -185,6 +267,7 @@ def sequential_quantize(
     fingerprint: str = "",
     hessian_cache: HessianCache | None = None,
     block_notes: dict | None = None,
+    mesh: Mesh | None = None,
 ) -> dict:
     """Quantize every block in order; returns the new params (embedding, norms, head kept).
 
@@ -211,11 +294,16 @@ def sequential_quantize(
     `block_notes` is a JSON-serializable dict that `quantize_block` may add to (e.g. per-layer
     losses for the report); the entries a block adds or changes are checkpointed with that
     block and, on resume, refilled from the finished blocks.
+
+    With `mesh`, capture is data-parallel (`block_statistics`): `calibration` holds this
+    process's share of the windows, every process gets the statistics of all of them and
+    quantizes the block alike (the methods are deterministic), and process 0 writes the
+    files.
     """
     if hessian_cache is not None:
         if propagate_quantized:
             raise ValueError("a Hessian cache holds the unquantized model's Hessians: use propagate_quantized=False")
-        fill_hessian_cache(params, spec, calibration, hessian_cache, batch_size=batch_size, progress=progress)
+        fill_hessian_cache(params, spec, calibration, hessian_cache, batch_size=batch_size, progress=progress, mesh=mesh)
     store = None if resume_dir is None else BlockStore(resume_dir, fingerprint)
     layers = [] if store is None else store.finished()
     if block_notes is not None and store is not None:
@@ -230,7 +318,7 @@ def sequential_quantize(
             log.info("recomputing hidden states through %d finished blocks", len(layers))
             for index, done in enumerate(layers):
                 feed = done if propagate_quantized else params["layers"][index]
-                hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
+                hidden = {src: block_outputs(feed, spec, h, batch_size, mesh) for src, h in hidden.items()}
     todo = range(len(layers), len(params["layers"]))
     for index in tqdm(todo, desc="blocks", unit="block", disable=not progress, initial=len(layers), total=len(params["layers"])):
         layer = params["layers"][index]
@@ -238,12 +326,12 @@ def sequential_quantize(
         if hessian_cache is not None:
             new_layer = quantize_block(index, layer, hessian_cache.load(index))
         else:
-            stats = {src: block_statistics(layer, spec, h, batch_size) for src, h in hidden.items()}
+            stats = {src: block_statistics(layer, spec, h, batch_size, mesh) for src, h in hidden.items()}
             new_layer = quantize_block(index, layer, stats)
             feed = new_layer if propagate_quantized else layer
-            hidden = {src: block_outputs(feed, spec, h, batch_size) for src, h in hidden.items()}
+            hidden = {src: block_outputs(feed, spec, h, batch_size, mesh) for src, h in hidden.items()}
         layers.append(new_layer)
-        if store is not None:
+        if store is not None and parallel.is_leader():
             store.write(index, new_layer, _changed(notes_before, block_notes or {}))
     return {**params, "layers": layers}
 

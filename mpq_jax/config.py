@@ -160,6 +160,21 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    # a device mesh for calibration capture and QAT (mpq_jax.parallel); off = one device
+    enabled: bool = False
+    data: int = -1  # devices along the data axis (-1 = every device the model axis leaves)
+    model: int = 1  # devices along the model (tensor-parallel) axis
+    fsdp: bool = False  # also shard parameters and optimizer state over the data axis
+    # several processes (hosts): "auto" starts jax.distributed when coordinator_address is
+    # set or a cluster's variables are (TPU pod, SLURM, Open MPI); "on" always; "off" never
+    distributed: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None  # host:port of process 0 (default: found by JAX)
+    num_processes: int | None = None  # with coordinator_address
+    process_id: int | None = None  # with coordinator_address; this process's index
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: str = "smollm2-135m-instruct"  # HF directory, .gguf file, or the default model's name
     dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of params and activations
@@ -168,6 +183,7 @@ class RunConfig:
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)  # gptq only
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)  # after any method, before saving
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)  # mesh and processes
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
@@ -248,6 +264,7 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"quantization.group_size: must be a positive number of columns, got {q.group_size}")
     if config.qat.enabled:
         _validate_qat(config.qat, config.calibration.sources, q.method)
+    _validate_parallel(config.parallel)
     ppl = config.eval.perplexity
     if ppl.seq_len < 2:
         raise ConfigError(f"eval.perplexity.seq_len: must be at least 2, got {ppl.seq_len}")
@@ -334,6 +351,18 @@ def _validate_tammp(t: TammpConfig, calibration_sources: tuple[str, ...], n_samp
             f"{where}.target_bits: {t.target_bits} is out of reach with critical_share {t.critical_share}: "
             f"choose {low:.3f} to {4 + 12 * t.critical_share:.3f}"
         )
+
+
+def _validate_parallel(par: ParallelConfig) -> None:
+    if par.model < 1 or (par.data < 1 and par.data != -1):
+        raise ConfigError(f"parallel: data ({par.data}) and model ({par.model}) are device counts >= 1 (data may be -1: the rest)")
+    named = [par.coordinator_address is not None, par.num_processes is not None, par.process_id is not None]
+    if any(named) and not all(named):
+        raise ConfigError("parallel: coordinator_address, num_processes and process_id go together; set all three or none")
+    if par.num_processes is not None and not 0 <= (par.process_id or 0) < par.num_processes:
+        raise ConfigError(f"parallel.process_id: {par.process_id} is not in 0..{par.num_processes - 1}")
+    if par.distributed == "off" and par.coordinator_address is not None:
+        raise ConfigError("parallel.distributed: off, but coordinator_address is set; remove one")
 
 
 def _validate_qat(qat: QatConfig, calibration_sources: tuple[str, ...], method: str) -> None:

@@ -31,6 +31,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from mpq_jax import parallel
+
 log = logging.getLogger(__name__)
 
 
@@ -61,9 +63,19 @@ def epoch_order(key: jax.Array, epoch: int, n: int) -> np.ndarray:
     return np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.wrap_key_data(key), epoch), n))
 
 
-def batch_indices(key: jax.Array, step: int, n: int, batch_size: int) -> np.ndarray:
+def batch_indices(key: jax.Array, step: int, n: int, batch_size: int, share: tuple[int, int] = (0, 1)) -> np.ndarray:
     """Sample indices of the batch taken at `step` (whole batches only; a remainder of fewer
-    than batch_size samples is left out of every epoch)."""
+    than batch_size samples is left out of every epoch).
+
+    With several process shares (`mpq_jax.parallel.process_share`: (index, count)), n and
+    batch_size are the global counts and each share draws its batch_size / count rows from
+    its own n / count windows, in an order drawn from the key and the share's index: the
+    indices returned are positions in the share's windows. The order is therefore fixed for a
+    given number of shares (one share: exactly the single-process order)."""
+    index, count = share
+    if count > 1:
+        key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key), index))
+        n, batch_size = n // count, batch_size // count
     per_epoch = n // batch_size
     epoch, position = divmod(step, per_epoch)
     return epoch_order(key, epoch, n)[position * batch_size : (position + 1) * batch_size]
@@ -95,16 +107,18 @@ class TrainCheckpoints:
         self.folder = Path(folder).absolute()
         self.every = every
         marker = self.folder / self.FINGERPRINT_FILE
-        if self.folder.exists():
-            recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-            if recorded != fingerprint:
-                log.warning("%s holds training state of other settings; starting this stage over", self.folder)
-                shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not marker.is_file():
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-            tmp.replace(marker)
+        if parallel.is_leader():  # one process decides; the folder is shared by all of them
+            if self.folder.exists():
+                recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+                if recorded != fingerprint:
+                    log.warning("%s holds training state of other settings; starting this stage over", self.folder)
+                    shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not marker.is_file():
+                tmp = marker.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+                tmp.replace(marker)
+        parallel.sync(f"checkpoint folder {self.folder}")
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(
             self.folder,
@@ -112,18 +126,26 @@ class TrainCheckpoints:
         )
 
     def restore(self, template: TrainState) -> TrainState | None:
-        """The latest complete state, shaped like `template`, or None when there is none."""
+        """The latest complete state, shaped like `template`, or None when there is none. A
+        template of global arrays (a mesh) is restored into the same shardings: each process
+        reads the shards of its own devices."""
         step = self.manager.latest_step()
         if step is None:
             return None
         leaves, treedef = jax.tree_util.tree_flatten(template)
-        abstract = {_leaf_name(i): jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype) for i, a in enumerate(leaves)}
+
+        def abstract_of(a):
+            sharding = a.sharding if isinstance(a, jax.Array) else None
+            return jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype, sharding=sharding)
+
+        abstract = {_leaf_name(i): abstract_of(a) for i, a in enumerate(leaves)}
         restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
         log.info("resuming from %s step %d", self.folder, step)
-        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(restored[_leaf_name(i)]) for i in range(len(leaves))])
+        values = [restored[_leaf_name(i)] for i in range(len(leaves))]
+        return jax.tree_util.tree_unflatten(treedef, [v if isinstance(v, jax.Array) else jnp.asarray(v) for v in values])
 
     def save(self, state: TrainState, final: bool = False) -> None:
-        step = int(state.step)
+        step = int(parallel.to_host(state.step))
         if not final and (self.every == 0 or step % self.every):
             return
         if self.manager.latest_step() == step:
@@ -135,7 +157,9 @@ class TrainCheckpoints:
     def remove(self) -> None:
         """Drop the folder once what it resumes has been written elsewhere."""
         self.manager.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        parallel.sync(f"remove {self.folder}")
+        if parallel.is_leader():
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _leaf_name(index: int) -> str:
@@ -144,25 +168,26 @@ def _leaf_name(index: int) -> str:
 
 def run_steps(
     state: TrainState,
-    step_fn: Callable[[TrainState], TrainState],
+    step_fn: Callable[[TrainState, int], TrainState],
     total_steps: int,
     checkpoints: TrainCheckpoints | None,
     *,
     desc: str,
     progress: bool = True,
 ) -> TrainState:
-    """The training loop: `step_fn(state)` (which takes its batch from state.step) until
-    total_steps, checkpointing as configured and at the end, a progress bar showing the
-    running loss."""
-    start = int(state.step)
+    """The training loop: `step_fn(state, step)` (which takes its batch from the step) until
+    total_steps, checkpointing as configured and at the end, a progress bar (process 0's)
+    showing the running loss."""
+    start = int(parallel.to_host(state.step))
+    progress = progress and parallel.is_leader()
     with tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         for step in range(start, total_steps):
-            state = step_fn(state)
+            state = step_fn(state, step)
             if checkpoints is not None:
                 checkpoints.save(state)
             bar.update(1)
             if progress:
-                bar.set_postfix(loss=f"{float(state.losses[step]):.4g}")
+                bar.set_postfix(loss=f"{float(parallel.to_host(state.losses)[step]):.4g}")
     if checkpoints is not None:
         checkpoints.save(state, final=True)
     return state

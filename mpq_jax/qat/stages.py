@@ -43,13 +43,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from mpq_jax import parallel
 from mpq_jax.block_store import BlockStore
 from mpq_jax.capture import block_outputs, embed_tokens, rope_for
 from mpq_jax.config import QatConfig
 from mpq_jax.models.decoder import block_forward, decoder_block, lm_head_weight, rms_norm, target_log_probs
 from mpq_jax.models.spec import ModelSpec
+from mpq_jax.parallel import Placement
 from mpq_jax.qat.loop import TrainCheckpoints, TrainState, batch_indices, run_steps, train_step
 from mpq_jax.qat.trainable import (
     ROLE_BIAS,
@@ -84,6 +87,11 @@ class StageNote:
     losses: dict[str, list[float]]  # curve name ("block 3", "e2e") -> loss of each step
     trained_parameters: int  # in the trainable set (per block summed, for stage 1)
     seconds: float
+    # bytes the fullest device held while training (stage 1: the largest block trained in
+    # this run): parameters (trainable and frozen) and optimizer state, from the addressable
+    # shards; 0 when every block was already finished
+    param_bytes_per_device: int = 0
+    opt_bytes_per_device: int = 0
 
     def to_json(self) -> dict:
         first = {name: curve[0] for name, curve in self.losses.items() if curve}
@@ -92,6 +100,8 @@ class StageNote:
             "stage": self.stage,
             "trained_parameters": self.trained_parameters,
             "seconds": self.seconds,
+            "param_bytes_per_device": self.param_bytes_per_device,
+            "opt_bytes_per_device": self.opt_bytes_per_device,
             "first_loss": first,
             "last_loss": last,
             "losses": self.losses,
@@ -153,6 +163,33 @@ def _e2e_step(state, frozen, tokens, cos, sin, *, spec, optimizer):
     return train_step(functools.partial(_e2e_loss, spec=spec), optimizer, state, frozen, tokens, cos, sin)
 
 
+_PROGRAMS: dict = {}
+
+
+def _sharded_step(loss_fn, key: tuple, optimizer, state_shardings, frozen_shardings, data_sharding, n_data: int, n_replicated: int, mesh):
+    """train_step under jit with the placement's shardings in and out (the state keeps its
+    layout from step to step, so orbax saves and restores it as it is). One program per
+    (loss, structure, shardings), kept in `_PROGRAMS`."""
+    flat_state, flat_frozen = jax.tree_util.tree_flatten(state_shardings), jax.tree_util.tree_flatten(frozen_shardings)
+    cache_key = (key, optimizer, flat_state[1], tuple(flat_state[0]), flat_frozen[1], tuple(flat_frozen[0]), data_sharding)
+    if cache_key not in _PROGRAMS:
+        rep = NamedSharding(mesh, PartitionSpec())
+        _PROGRAMS[cache_key] = jax.jit(
+            functools.partial(train_step, loss_fn, optimizer),
+            in_shardings=(state_shardings, frozen_shardings, *([data_sharding] * n_data), *([rep] * n_replicated)),
+            out_shardings=state_shardings,
+        )
+    return _PROGRAMS[cache_key]
+
+
+def _placed_state(moving, frozen, optimizer, seed: int, steps: int, place: Placement):
+    """The TrainState and the frozen half as the placement holds them, and their per-device bytes."""
+    state = place.put(TrainState.create(moving, optimizer, seed, steps))
+    frozen = place.put(frozen)
+    params_bytes = parallel.device_bytes(state.params) + parallel.device_bytes(frozen)
+    return state, frozen, params_bytes, parallel.device_bytes(state.opt_state)
+
+
 def block_stage(
     fp_params: dict,
     packed: dict,
@@ -163,15 +200,21 @@ def block_stage(
     fingerprint: str,
     *,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> tuple[dict, StageNote]:
-    """Stage 1 (module docstring). tokens: int [n, T] training windows."""
+    """Stage 1 (module docstring). tokens: int [n, T] training windows — with a placement on
+    a mesh of several processes, this process's share of them (`Placement.share`); the
+    windows of every share together are the samples trained on."""
     start_time = time.perf_counter()
     cfg = qat.block
     dtype = DTYPES[qat.dtype]
-    tokens = np.asarray(tokens[: cfg.samples])
-    n = tokens.shape[0]
+    place = placement or Placement()
+    share = place.share
+    tokens = np.asarray(tokens[: cfg.samples // share[1]])
+    n = tokens.shape[0] * share[1]
     steps = cfg.epochs * (n // cfg.batch_size)
     optimizer = block_optimizer(qat, steps)
+    memory = (0, 0)
     store = BlockStore(checkpoints_root / "blocks", fingerprint)
     finished = store.finished()
     notes = store.notes()
@@ -190,31 +233,55 @@ def block_stage(
     for index in tqdm(todo, desc="QAT blocks", unit="block", disable=not progress, initial=len(finished), total=spec.num_layers):
         target = block_outputs(fp_params["layers"][index], spec, x_fp)
         trainable = trainable_params(packed["layers"][index], dtype, fp_params=fp_params["layers"][index])
-        moving, frozen = partition(trainable, trainable_mask(trainable, BLOCK_ROLES))
-        state = TrainState.create(moving, optimizer, qat.seed + index, steps)
+        moving, frozen_host = partition(trainable, trainable_mask(trainable, BLOCK_ROLES))
+        state, frozen, *block_memory = _placed_state(moving, frozen_host, optimizer, qat.seed + index, steps, place)
+        memory = max(memory, tuple(block_memory))
         checkpoints = TrainCheckpoints(checkpoints_root / "block_state" / f"{index:03d}", fingerprint, qat.checkpoint_every)
         state = checkpoints.restore(state) or state
+        key = parallel.to_host(state.key)
         x_in = x_q.astype(jnp.dtype(dtype)) if x_q.dtype != jnp.dtype(dtype) else x_q
+        step = _block_program(spec, optimizer, state, frozen, place)
+        rope = place.replicated((cos, sin))
 
-        def step_fn(state: TrainState) -> TrainState:
-            batch = batch_indices(state.key, int(state.step), n, cfg.batch_size)
-            return _block_step(
-                state, frozen, jnp.asarray(x_in[batch]), jnp.asarray(target[batch]), cos, sin, spec=spec, optimizer=optimizer
-            )
+        def step_fn(state: TrainState, at: int) -> TrainState:
+            batch = batch_indices(key, at, n, cfg.batch_size, share)
+            return step(state, frozen, place.batch(x_in[batch]), place.batch(target[batch]), *rope)
 
         state = run_steps(state, step_fn, steps, checkpoints, desc=f"block {index}", progress=progress)
-        new_layer = packed_params(packed["layers"][index], combine(state.params, frozen))
-        count = count_parameters(state.params)
-        losses = [float(v) for v in np.asarray(state.losses)]
+        trained = parallel.to_host(state.params)
+        new_layer = packed_params(packed["layers"][index], combine(trained, frozen_host))
+        count = count_parameters(trained)
+        losses = [float(v) for v in parallel.to_host(state.losses)]
         notes[str(index)] = {"losses": losses, "trained_parameters": count}
-        store.write(index, new_layer, {str(index): notes[str(index)]})
+        if parallel.is_leader():
+            store.write(index, new_layer, {str(index): notes[str(index)]})
         checkpoints.remove()
         layers.append(new_layer)
         x_q = block_outputs(new_layer, spec, x_q)
         x_fp = target
         _release_programs_of(packed["layers"], index)
         log.info("stage 1 block %d: loss %.4g -> %.4g over %d steps", index, losses[0], losses[-1], steps)
-    return {**packed, "layers": layers}, _block_note(notes, spec, start_time)
+    return {**packed, "layers": layers}, _block_note(notes, spec, start_time, memory)
+
+
+def _block_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
+    """step(state, frozen, x, target, cos, sin): the jitted stage-1 step for this placement."""
+    if place.mesh is None:
+        return functools.partial(_block_step, spec=spec, optimizer=optimizer)
+    loss = functools.partial(_block_loss, spec=spec)
+    return _sharded_step(
+        loss, ("block", spec), optimizer, place.shardings(state), place.shardings(frozen), place.batch_sharding(), 2, 2, place.mesh
+    )
+
+
+def _e2e_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
+    """step(state, frozen, tokens, cos, sin): the jitted stage-2 step for this placement."""
+    if place.mesh is None:
+        return functools.partial(_e2e_step, spec=spec, optimizer=optimizer)
+    loss = functools.partial(_e2e_loss, spec=spec)
+    return _sharded_step(
+        loss, ("e2e", spec), optimizer, place.shardings(state), place.shardings(frozen), place.batch_sharding(), 1, 2, place.mesh
+    )
 
 
 def _release_programs_of(layers: list, index: int) -> None:
@@ -227,12 +294,14 @@ def _release_programs_of(layers: list, index: int) -> None:
     if following is None or jax.tree_util.tree_structure(following) != jax.tree_util.tree_structure(layers[index]):
         _block_step.clear_cache()
         decoder_block.clear_cache()
+        _PROGRAMS.clear()
 
 
-def _block_note(notes: dict, spec: ModelSpec, start_time: float) -> StageNote:
+def _block_note(notes: dict, spec: ModelSpec, start_time: float, memory: tuple[int, int] = (0, 0)) -> StageNote:
     blocks = [notes[str(i)] for i in range(spec.num_layers) if str(i) in notes]
     curves = {f"block {i}": notes[str(i)]["losses"] for i in range(spec.num_layers) if str(i) in notes}
-    return StageNote("block", curves, sum(int(b["trained_parameters"]) for b in blocks), time.perf_counter() - start_time)
+    trained = sum(int(b["trained_parameters"]) for b in blocks)
+    return StageNote("block", curves, trained, time.perf_counter() - start_time, *memory)
 
 
 def e2e_stage(
@@ -244,34 +313,41 @@ def e2e_stage(
     fingerprint: str,
     *,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> tuple[dict, StageNote]:
-    """Stage 2 (module docstring). tokens: int [n, T] training windows."""
+    """Stage 2 (module docstring). tokens: int [n, T] training windows (this process's share
+    of them, as in `block_stage`)."""
     start_time = time.perf_counter()
     cfg = qat.e2e
     dtype = DTYPES[qat.dtype]
-    tokens = np.asarray(tokens[: cfg.samples])
-    n = tokens.shape[0]
+    place = placement or Placement()
+    share = place.share
+    tokens = np.asarray(tokens[: cfg.samples // share[1]])
+    n = tokens.shape[0] * share[1]
     micro_steps = cfg.epochs * (n // cfg.batch_size)
     optimizer = e2e_optimizer(qat, micro_steps)
     roles = E2E_ROLES[cfg.trainable]
     # No master weights train here, so the codes stay fixed and the step sizes get q - z.
     trainable = trainable_params(packed, dtype, fixed_codes=ROLE_WEIGHT not in roles)
-    moving, frozen = partition(trainable, trainable_mask(trainable, roles))
-    state = TrainState.create(moving, optimizer, qat.seed, micro_steps)
+    moving, frozen_host = partition(trainable, trainable_mask(trainable, roles))
+    state, frozen, *memory = _placed_state(moving, frozen_host, optimizer, qat.seed, micro_steps, place)
     checkpoints = TrainCheckpoints(checkpoints_root / "e2e_state", fingerprint, qat.checkpoint_every)
     state = checkpoints.restore(state) or state
-    cos, sin = rope_for(spec, tokens.shape[1])
+    key = parallel.to_host(state.key)
+    rope = place.replicated(rope_for(spec, tokens.shape[1]))
+    step = _e2e_program(spec, optimizer, state, frozen, place)
 
-    def step_fn(state: TrainState) -> TrainState:
-        batch = batch_indices(state.key, int(state.step), n, cfg.batch_size)
-        return _e2e_step(state, frozen, jnp.asarray(tokens[batch]), cos, sin, spec=spec, optimizer=optimizer)
+    def step_fn(state: TrainState, at: int) -> TrainState:
+        batch = batch_indices(key, at, n, cfg.batch_size, share)
+        return step(state, frozen, place.batch(tokens[batch]), *rope)
 
     state = run_steps(state, step_fn, micro_steps, checkpoints, desc="QAT end-to-end", progress=progress)
-    result = packed_params(packed, combine(state.params, frozen))
+    trained = parallel.to_host(state.params)
+    result = packed_params(packed, combine(trained, frozen_host))
     # The state stays until the caller has saved the model (the pipeline then removes the
     # whole checkpoint folder): a run killed in between ends here again without training.
-    losses = [float(v) for v in np.asarray(state.losses)]
-    note = StageNote("e2e", {"e2e": losses}, count_parameters(state.params), time.perf_counter() - start_time)
+    losses = [float(v) for v in parallel.to_host(state.losses)]
+    note = StageNote("e2e", {"e2e": losses}, count_parameters(trained), time.perf_counter() - start_time, *memory)
     if losses:
         log.info("stage 2: loss %.4g -> %.4g over %d passes", losses[0], losses[-1], micro_steps)
     return result, note
