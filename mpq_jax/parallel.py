@@ -161,7 +161,7 @@ def mesh_shape(mesh: Mesh | None) -> dict[str, int]:
 
 
 def _key_name(key) -> str | None:
-    for attr in ("key", "name"):
+    for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return None
