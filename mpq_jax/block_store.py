@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from mpq_jax.errors import CheckpointError
 from mpq_jax.packed.io import MANIFEST_FILE, TENSORS_FILE, load_quantized, read_metadata, save_quantized
 
@@ -68,7 +70,19 @@ class BlockStore:
         return self.folder / f"block_{index:03d}"
 
     def finished(self) -> list[Any]:
-        """Params of the finished blocks 0..k-1 (the contiguous good run from block 0), loaded."""
+        """Params of the finished blocks 0..k-1 (the contiguous good run from block 0), loaded.
+
+        With several processes (one shared folder), process 0 scans first and clears what is
+        stale or incomplete; the others read after it."""
+        if jax.process_count() == 1:
+            return self._scan()
+        from mpq_jax import parallel
+
+        blocks = self._scan() if parallel.is_leader() else None
+        parallel.sync(f"block store {self.folder} scanned")
+        return self._scan() if blocks is None else blocks
+
+    def _scan(self) -> list[Any]:
         self._notes = []
         if not self.folder.is_dir():
             return []
@@ -108,7 +122,7 @@ class BlockStore:
     def write(self, index: int, block_params: Any, notes: dict | None = None) -> None:
         """Store finished block `index` (the next one) with its JSON-serializable `notes`, atomically."""
         if self._notes is None:
-            self.finished()  # checks the fingerprint and cleans up before anything is added
+            self._scan()  # checks the fingerprint and cleans up before anything is added
         if index != len(self._notes):
             raise ValueError(f"{self.folder}: block {index} written after {len(self._notes)} finished blocks; blocks are written in order")
         notes = dict(notes or {})

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mpq_jax import parallel
 from mpq_jax.capture import HessianCache
 from mpq_jax.config import RunConfig, config_to_dict
 from mpq_jax.data.calibration import calibration_tokens, sources_from_config
 from mpq_jax.data.paths import cache_dir
-from mpq_jax.errors import MpqError
+from mpq_jax.errors import ConfigError, MpqError
 from mpq_jax.eval.suite import check_inputs, compare, evaluate, fp_baseline
 from mpq_jax.fingerprint import calibration_fingerprint, model_identity, qat_fingerprint, run_fingerprint
 from mpq_jax.models.checkpoint import LoadedModel, load_model, load_tokenizer
@@ -93,23 +94,49 @@ def statistics_cache(identity: dict, calibration: dict[str, np.ndarray]) -> Hess
     return HessianCache(cache_dir() / "hessians", calibration_fingerprint(identity, calibration))
 
 
+def mesh_for(config: RunConfig):
+    """The device mesh of `parallel` (mpq_jax.parallel), or None when it is off."""
+    par = config.parallel
+    return parallel.make_mesh(par.data, par.model) if par.enabled else None
+
+
+def calibration_share(calibration: dict[str, np.ndarray], mesh, config: RunConfig) -> tuple[dict[str, np.ndarray], int]:
+    """This process's share of every source's calibration windows (all of them in one
+    process) and the index of its first window: capture splits the windows over every
+    device of the mesh, so the share follows the process's devices along both axes."""
+    share = parallel.process_share(mesh, parallel.AXES)
+    rows = parallel.share_rows(config.calibration.n_samples, share, "calibration.n_samples")
+    tammp = config.quantization.tammp
+    if config.quantization.method == "tammp" and tammp.resamples > 1 and (rows.stop - rows.start) % tammp.resamples:
+        raise ConfigError(
+            f"calibration.n_samples: each of the {share[1]} process shares holds {rows.stop - rows.start} windows per source, "
+            f"which quantization.tammp.resamples ({tammp.resamples}) does not divide; use a multiple of {share[1] * tammp.resamples}"
+        )
+    return {src: windows[rows] for src, windows in calibration.items()}, rows.start
+
+
 def quantize_params(
-    model: LoadedModel, config: RunConfig, output_dir: Path, calibration: dict | None, identity: dict
+    model: LoadedModel, config: RunConfig, output_dir: Path, calibration: dict | None, identity: dict, mesh=None
 ) -> QuantizedModel:
     """The quantization stage: the configured method's walk on the loaded model.
 
-    `calibration` holds the calibration tokens of methods that need them; `identity` is the
+    `calibration` holds the calibration tokens of methods that need them (every window: they
+    key the caches; with a mesh the walk gets this process's share); `identity` is the
     model's content fingerprint (`mpq_jax.fingerprint.model_identity`), which keys the
     statistics cache and the resume checkpoints (kept in output_dir/.resume while running)."""
     method = method_named(config.quantization.method)
     resume_dir = output_dir / ".resume"
+    windows, offset = (calibration, 0) if calibration is None or mesh is None else calibration_share(calibration, mesh, config)
     context = WalkContext(
         spec=model.spec,
-        calibration=calibration,
+        calibration=windows,
         statistics=None if calibration is None else statistics_cache(identity, calibration),
         resume_dir=resume_dir,
         fingerprint="" if calibration is None else run_fingerprint(identity, config.quantization, config.calibration, calibration),
         output_dir=output_dir,
+        progress=parallel.is_leader(),
+        mesh=mesh,
+        window_offset=offset,
     )
     return method.quantize_model(model.params, method.options(config.quantization), context)
 
@@ -118,21 +145,32 @@ def qat_checkpoints(config: RunConfig, output_dir: Path) -> Path:
     return Path(config.qat.checkpoint_dir) if config.qat.checkpoint_dir is not None else output_dir / ".qat"
 
 
-def train_params(model: LoadedModel, packed: dict, config: RunConfig, output_dir: Path, tokens: np.ndarray, identity: dict):
+def train_params(
+    model: LoadedModel, packed: dict, config: RunConfig, output_dir: Path, tokens: np.ndarray, identity: dict, mesh=None
+):
     """The train stage: QAT stage 1 and/or 2 on the packed params; returns (params, report
     entry). Checkpoints (qat.checkpoint_dir, default output_dir/.qat) are keyed by the run's
-    settings and the training tokens, so a killed run started again resumes."""
+    settings and the training tokens, so a killed run started again resumes. With a mesh
+    the stages run sharded by the partition rules, each process on its share of the windows."""
     from mpq_jax.qat.stages import block_stage, e2e_stage
 
     qat = config.qat
     root = qat_checkpoints(config, output_dir)
     key = qat_fingerprint(identity, config.quantization, config.calibration, qat, tokens)
+    placement = parallel.Placement(mesh, config.parallel.fsdp)
+    for stage in ("block", "e2e"):
+        if getattr(qat, stage).enabled:
+            parallel.share_rows(getattr(qat, stage).samples, placement.share, f"qat.{stage}.samples")
+            parallel.share_rows(getattr(qat, stage).batch_size, placement.share, f"qat.{stage}.batch_size")
+    mine = tokens[parallel.share_rows(len(tokens), placement.share, "qat samples")]
     entry: dict = {"samples": {"block": qat.block.samples, "e2e": qat.e2e.samples}, "seq_len": qat.seq_len, "dtype": qat.dtype}
+    entry["mesh"] = parallel.mesh_shape(mesh)
+    progress = parallel.is_leader()
     if qat.block.enabled:
-        packed, note = block_stage(model.params, packed, model.spec, tokens, qat, root, key)
+        packed, note = block_stage(model.params, packed, model.spec, mine, qat, root, key, placement=placement, progress=progress)
         entry["block"] = note.to_json()
     if qat.e2e.enabled:
-        packed, note = e2e_stage(packed, model.spec, tokens, qat, root, key)
+        packed, note = e2e_stage(packed, model.spec, mine, qat, root, key, placement=placement, progress=progress)
         entry["e2e"] = note.to_json()
     return packed, entry
 
@@ -140,8 +178,10 @@ def train_params(model: LoadedModel, packed: dict, config: RunConfig, output_dir
 def run(config: RunConfig, output_dir: Path) -> dict:
     """Run every stage; returns the report dict (also written to output_dir)."""
     timings: dict[str, float] = {}
+    parallel.initialize(config.parallel)  # before anything touches a device
     # Everything that can be checked in seconds, before minutes go into loading and quantizing.
     checked = check_run(config, output_dir)
+    mesh = mesh_for(config)
     start = time.perf_counter()
     model, calibration, identity, training = load_inputs(config, checked)
     timings["load"] = time.perf_counter() - start
@@ -149,14 +189,14 @@ def run(config: RunConfig, output_dir: Path) -> dict:
 
     start = time.perf_counter()
     method = method_named(config.quantization.method)
-    result = quantize_params(model, config, output_dir, calibration, identity)
+    result = quantize_params(model, config, output_dir, calibration, identity, mesh)
     params = result.params
     timings["quantize"] = time.perf_counter() - start
     qat_entry = None
     if config.qat.enabled:
         start = time.perf_counter()
         ptq_bits = average_bits_per_weight(linear_stats(model.params, params))
-        params, qat_entry = train_params(model, params, config, output_dir, training, identity)
+        params, qat_entry = train_params(model, params, config, output_dir, training, identity, mesh)
         qat_entry["bits_per_weight_after_ptq"] = ptq_bits
         timings["train"] = time.perf_counter() - start
     stats = linear_stats(model.params, params)
@@ -172,6 +212,10 @@ def run(config: RunConfig, output_dir: Path) -> dict:
         report[config.quantization.method] = result.summary
     if qat_entry is not None:
         report["qat"] = qat_entry
+    if not parallel.is_leader():
+        # Every process holds the same quantized params; process 0 saves, evaluates and
+        # reports them.
+        return report
 
     # Saved before evaluating: an evaluation that fails does not take the quantized model with it.
     packed_dir = output_dir / "model"

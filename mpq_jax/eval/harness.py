@@ -26,7 +26,7 @@ as perplexity does; on GPU/TPU every forward runs the kernels.
 
 Multi-process runs (`jax.distributed`): lm-eval runs on process 0 only and sees one model
 (rank 0, world size 1); every other process calls `follow_batches(lm)`, which receives each
-scoring batch from process 0 (`multihost_utils.broadcast_one_to_all`) and runs the same
+scoring batch from process 0 (`mpq_jax.parallel.broadcast_from_leader`) and runs the same
 jitted forward, so a model sharded across processes computes in step. Generation is
 process-0 only for now.
 
@@ -50,6 +50,7 @@ from mpq_jax.infer import SamplingConfig, generate_steps
 from mpq_jax.models.checkpoint import LoadedModel, load_model
 from mpq_jax.models.decoder import final_hidden, lm_head_weight, target_log_probs
 from mpq_jax.packed.params import dequantized_params
+from mpq_jax.parallel import broadcast_from_leader, is_leader
 from pallas_kernels.dispatch import kernel_backend
 
 try:
@@ -329,7 +330,7 @@ def score_batch(
     The one place the harness runs the model; in a multi-process run process 0 first sends
     the batch to the followers so that they run the same program.
     """
-    if jax.process_count() > 1 and jax.process_index() == 0:
+    if jax.process_count() > 1 and is_leader():
         _send_to_followers(inputs, slots, targets)
     return _run_batch(lm, inputs, slots, targets)
 
@@ -434,36 +435,30 @@ _STOP = 0
 _SCORE = 1
 
 
-def _broadcast(value: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.broadcast_one_to_all(value))
-
-
 def _send_to_followers(inputs: np.ndarray, slots: np.ndarray, targets: np.ndarray) -> None:
-    _broadcast(np.asarray([_SCORE, *inputs.shape, slots.size], np.int32))
-    _broadcast(inputs)
-    _broadcast(slots)
-    _broadcast(targets)
+    broadcast_from_leader(np.asarray([_SCORE, *inputs.shape, slots.size], np.int32))
+    broadcast_from_leader(inputs)
+    broadcast_from_leader(slots)
+    broadcast_from_leader(targets)
 
 
 def stop_followers() -> None:
     """Process 0, after the evaluation: release the processes waiting in `follow_batches`."""
-    if jax.process_count() > 1 and jax.process_index() == 0:
-        _broadcast(np.asarray([_STOP, 0, 0, 0], np.int32))
+    if jax.process_count() > 1 and is_leader():
+        broadcast_from_leader(np.asarray([_STOP, 0, 0, 0], np.int32))
 
 
 def follow_batches(lm: MpqJaxLM) -> int:
     """Processes other than 0: run every scoring batch process 0 runs, until it stops. Returns the count."""
-    if jax.process_index() == 0:
+    if is_leader():
         raise RuntimeError("follow_batches runs on the processes other than 0; process 0 runs lm-eval")
     count = 0
     while True:
-        op, rows, length, size = _broadcast(np.zeros(4, np.int32))
+        op, rows, length, size = broadcast_from_leader(np.zeros(4, np.int32))
         if op == _STOP:
             return count
-        inputs = _broadcast(np.zeros((rows, length), np.int32))
-        slots = _broadcast(np.zeros(size, np.int32))
-        targets = _broadcast(np.zeros(size, np.int32))
+        inputs = broadcast_from_leader(np.zeros((rows, length), np.int32))
+        slots = broadcast_from_leader(np.zeros(size, np.int32))
+        targets = broadcast_from_leader(np.zeros(size, np.int32))
         _run_batch(lm, inputs, slots, targets)
         count += 1

@@ -115,9 +115,11 @@ def measure_model(
     percdamp: float = 0.01,
     keep: bool = True,
     progress: bool = True,
+    mesh=None,
 ) -> Measurement:
-    """Candidates of every block linear (see the module docstring)."""
-    fill_hessian_cache(params, spec, calibration, cache, progress=progress)
+    """Candidates of every block linear (see the module docstring). `mesh`: capture the
+    statistics data-parallel (`calibration` then holds this process's share)."""
+    fill_hessian_cache(params, spec, calibration, cache, progress=progress, mesh=mesh)
     tokens = {src: int(np.asarray(t).size) for src, t in calibration.items()}
     kept: dict | None = {} if keep else None
     plans = []
@@ -271,6 +273,7 @@ def quantize_model(params: dict, options: AmlqOptions, context: WalkContext) -> 
         percdamp=options.percdamp,
         keep=options.keep_candidates,
         progress=context.progress,
+        mesh=context.mesh,
     )
     choices = allocate_model(measurement, options.target_bpw, options.lowrank)
     quantized, rows = build_model(

@@ -111,5 +111,6 @@ def quantize_model(params: dict, options: GptqOptions, context: WalkContext) -> 
         fingerprint=context.fingerprint,
         hessian_cache=cache,
         block_notes=losses,  # a resumed run reports the finished blocks' losses too
+        mesh=context.mesh,
     )
     return QuantizedModel(quantized, {name: GptqNote(loss) for name, loss in losses.items()})

@@ -42,6 +42,10 @@ class WalkContext:
     fingerprint: str = ""  # run fingerprint (mpq_jax.fingerprint.run_fingerprint) tagging those checkpoints
     output_dir: Path | None = None  # run folder, for a method's own figures (TAMMP's compactness plots)
     progress: bool = True  # progress bars
+    # a jax Mesh for data-parallel capture (mpq_jax.parallel); `calibration` then holds this
+    # process's share of the windows, whose first window is window `window_offset` of all
+    mesh: Any = None
+    window_offset: int = 0
 
 
 class LayerNote:

@@ -90,12 +90,19 @@ class Probe:
         return result
 
 
-def resampled_calibration(calibration: dict[str, np.ndarray], resamples: int) -> dict[str, np.ndarray]:
-    """Each source's windows [n, T] split into `resamples` disjoint interleaved subsets."""
+def resampled_calibration(calibration: dict[str, np.ndarray], resamples: int, offset: int = 0) -> dict[str, np.ndarray]:
+    """Each source's windows [n, T] split into `resamples` disjoint interleaved subsets:
+    resample k holds the windows whose index is k modulo `resamples`, counted from `offset`
+    (the index of the first window held, when a process holds its share of them: the
+    processes' resamples together are then exactly one process's)."""
     short = [src for src, windows in calibration.items() if len(windows) < resamples]
     if short:
         raise ValueError(f"resamples: {resamples} disjoint resamples need at least that many windows per source; {short} have fewer")
-    return {f"{src}{RESAMPLE_MARK}{k}": windows[k::resamples] for src, windows in calibration.items() for k in range(resamples)}
+    return {
+        f"{src}{RESAMPLE_MARK}{k}": windows[(k - offset) % resamples :: resamples]
+        for src, windows in calibration.items()
+        for k in range(resamples)
+    }
 
 
 def resampled_cache(cache: HessianCache, resamples: int) -> HessianCache:
@@ -107,7 +114,8 @@ def resampled_cache(cache: HessianCache, resamples: int) -> HessianCache:
 def calibration_view(context: WalkContext, options: TammpOptions) -> tuple[dict[str, np.ndarray], HessianCache]:
     """(calibration windows, statistics cache) this run probes and quantizes with."""
     if options.resamples > 1:
-        return resampled_calibration(context.calibration, options.resamples), resampled_cache(context.statistics, options.resamples)
+        split = resampled_calibration(context.calibration, options.resamples, context.window_offset)
+        return split, resampled_cache(context.statistics, options.resamples)
     return context.calibration, context.statistics
 
 
@@ -142,9 +150,12 @@ def probe_layer(weight, stats: InputStats, options: TammpOptions, inv_diag=None,
     return tammp.probe_columns(_probe_weight(weight, stats), inv_diag, options.topk, options.block_size, non_critical)
 
 
-def probe_model(params: dict, spec: ModelSpec, calibration: dict, cache: HessianCache, options: TammpOptions, progress: bool = True) -> Probe:
-    """Every block linear probed per source (and per resample); see the module docstring."""
-    fill_hessian_cache(params, spec, calibration, cache, progress=progress)
+def probe_model(
+    params: dict, spec: ModelSpec, calibration: dict, cache: HessianCache, options: TammpOptions, progress: bool = True, mesh=None
+) -> Probe:
+    """Every block linear probed per source (and per resample); see the module docstring.
+    `mesh`: capture data-parallel (`calibration` then holds this process's share)."""
+    fill_hessian_cache(params, spec, calibration, cache, progress=progress, mesh=mesh)
     tokens = token_counts(calibration)
     sources = options.sources or tuple(dict.fromkeys(source_of(name) for name in calibration))
     sets: dict = {src: {} for src in sources}
@@ -271,5 +282,5 @@ def run_summary(probe: Probe, options: TammpOptions, spec: ModelSpec) -> dict:
 def quantize_model(params: dict, options: TammpOptions, context: WalkContext) -> QuantizedModel:
     """Probe, then build (see the module docstring)."""
     calibration, cache = calibration_view(context, options)
-    probe = probe_model(params, context.spec, calibration, cache, options, context.progress)
+    probe = probe_model(params, context.spec, calibration, cache, options, context.progress, context.mesh)
     return build_model(params, context.spec, calibration, cache, probe, options, context.progress)
