@@ -182,7 +182,7 @@ def _sharded_step(loss_fn, key: tuple, optimizer, state_shardings, frozen_shardi
     return _PROGRAMS[cache_key]
 
 
-def _placed_state(moving, frozen, optimizer, seed: int, steps: int, place: Placement):
+def placed_state(moving, frozen, optimizer, seed: int, steps: int, place: Placement):
     """The TrainState and the frozen half as the placement holds them, and their per-device bytes."""
     state = place.put(TrainState.create(moving, optimizer, seed, steps))
     frozen = place.put(frozen)
@@ -234,13 +234,13 @@ def block_stage(
         target = block_outputs(fp_params["layers"][index], spec, x_fp)
         trainable = trainable_params(packed["layers"][index], dtype, fp_params=fp_params["layers"][index])
         moving, frozen_host = partition(trainable, trainable_mask(trainable, BLOCK_ROLES))
-        state, frozen, *block_memory = _placed_state(moving, frozen_host, optimizer, qat.seed + index, steps, place)
+        state, frozen, *block_memory = placed_state(moving, frozen_host, optimizer, qat.seed + index, steps, place)
         memory = max(memory, tuple(block_memory))
         checkpoints = TrainCheckpoints(checkpoints_root / "block_state" / f"{index:03d}", fingerprint, qat.checkpoint_every)
         state = checkpoints.restore(state) or state
         key = parallel.to_host(state.key)
         x_in = x_q.astype(jnp.dtype(dtype)) if x_q.dtype != jnp.dtype(dtype) else x_q
-        step = _block_program(spec, optimizer, state, frozen, place)
+        step = block_step_program(spec, optimizer, state, frozen, place)
         rope = place.replicated((cos, sin))
 
         def step_fn(state: TrainState, at: int) -> TrainState:
@@ -264,7 +264,7 @@ def block_stage(
     return {**packed, "layers": layers}, _block_note(notes, spec, start_time, memory)
 
 
-def _block_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
+def block_step_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
     """step(state, frozen, x, target, cos, sin): the jitted stage-1 step for this placement."""
     if place.mesh is None:
         return functools.partial(_block_step, spec=spec, optimizer=optimizer)
@@ -274,7 +274,7 @@ def _block_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place:
     )
 
 
-def _e2e_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
+def e2e_step_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
     """step(state, frozen, tokens, cos, sin): the jitted stage-2 step for this placement."""
     if place.mesh is None:
         return functools.partial(_e2e_step, spec=spec, optimizer=optimizer)
@@ -330,12 +330,12 @@ def e2e_stage(
     # No master weights train here, so the codes stay fixed and the step sizes get q - z.
     trainable = trainable_params(packed, dtype, fixed_codes=ROLE_WEIGHT not in roles)
     moving, frozen_host = partition(trainable, trainable_mask(trainable, roles))
-    state, frozen, *memory = _placed_state(moving, frozen_host, optimizer, qat.seed, micro_steps, place)
+    state, frozen, *memory = placed_state(moving, frozen_host, optimizer, qat.seed, micro_steps, place)
     checkpoints = TrainCheckpoints(checkpoints_root / "e2e_state", fingerprint, qat.checkpoint_every)
     state = checkpoints.restore(state) or state
     key = parallel.to_host(state.key)
     rope = place.replicated(rope_for(spec, tokens.shape[1]))
-    step = _e2e_program(spec, optimizer, state, frozen, place)
+    step = e2e_step_program(spec, optimizer, state, frozen, place)
 
     def step_fn(state: TrainState, at: int) -> TrainState:
         batch = batch_indices(key, at, n, cfg.batch_size, share)

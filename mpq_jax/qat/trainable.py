@@ -62,7 +62,7 @@ class TrainSegment:
     """Columns [start, stop) of the permuted order at `bits` (16 = kept dense).
 
     weight: [out, stop - start] master (or dense) weights, or None when the codes are fixed;
-    codes:  int32 [out, stop - start] fixed codes (a stage that trains no weights, as
+    codes:  uint8 [out, stop - start] fixed codes (a stage that trains no weights, as
             EfficientQAT's E2E-QP: then the step sizes get ∂ŵ/∂s = q - z, where master
             weights sitting on their grid points would give them round(w/s) - w/s = 0);
     scale, zero: float32 [out, n_groups] (None for 16 bits), groups of `group_size`
@@ -187,7 +187,7 @@ def trainable_linear(packed: QuantizedLinear, dtype=jnp.float32, fixed_codes: bo
         zero = np.asarray(seg.zero, np.float32).T
         codes = np.asarray(leading_rows(unpack_blocks(seg.codes, seg.bits), seg.n_cols)).T
         if fixed_codes:
-            return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, codes=jnp.asarray(codes, jnp.int32), scale=jnp.asarray(scale), zero=jnp.asarray(zero))
+            return TrainSegment(seg.start, seg.stop, seg.bits, seg.group_size, codes=jnp.asarray(codes, jnp.uint8), scale=jnp.asarray(scale), zero=jnp.asarray(zero))
         master_dtype = dtype if seg.bits <= BFLOAT16_EXACT_BITS else jnp.float32
         grid_scale, grid_zero = _grid(seg, _stored_scale(scale), zero)
         centre = (codes.astype(np.float32) - grid_zero) * grid_scale  # seg.dequantize(), from the codes in hand

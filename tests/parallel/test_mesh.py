@@ -178,7 +178,7 @@ def _state_bytes(tiny, mesh, stage: str, fsdp=False):
         trainable = trainable_params(packed, np.float32, fixed_codes=True)
         moving, frozen = partition(trainable, trainable_mask(trainable, stages.E2E_ROLES["paper"]))
         optimizer = stages.e2e_optimizer(qat_config(), 4)
-    _, _, param_bytes, opt_bytes = stages._placed_state(moving, frozen, optimizer, 0, 4, place)
+    _, _, param_bytes, opt_bytes = stages.placed_state(moving, frozen, optimizer, 0, 4, place)
     return param_bytes + opt_bytes
 
 
@@ -196,7 +196,7 @@ def test_sharded_checkpoint_restores_into_its_shardings(tiny, tmp_path):
     place = parallel.Placement(mesh_of(2, 4))
     trainable = trainable_params(packed["layers"][1], np.float32, fp_params=model.params["layers"][1])
     moving, frozen = partition(trainable, trainable_mask(trainable, stages.BLOCK_ROLES))
-    state, *_ = stages._placed_state(moving, frozen, stages.block_optimizer(qat_config(), 4), 0, 4, place)
+    state, *_ = stages.placed_state(moving, frozen, stages.block_optimizer(qat_config(), 4), 0, 4, place)
     checkpoints = TrainCheckpoints(tmp_path, "fp", every=1)
     checkpoints.save(state, final=True)
     restored = TrainCheckpoints(tmp_path, "fp", every=1).restore(state)
