@@ -15,8 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from mpq_jax.config import load_config
+from mpq_jax.config import load_config, validate
 from mpq_jax.errors import MpqError
+from mpq_jax.parallel import is_leader
 from mpq_jax.pipeline import run
 
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
     parser.add_argument("--model", help="checkpoint to quantize (default: the config's model)")
     parser.add_argument("--output", help="output folder (default: the config's output_dir)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="several processes: process 0's address (parallel.coordinator_address)")
+    parser.add_argument("--num-processes", type=int, help="with --coordinator: how many processes (parallel.num_processes)")
+    parser.add_argument("--process-id", type=int, help="with --coordinator: this process's index (parallel.process_id)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -42,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, model=args.model)
         if args.output:
             config = dataclasses.replace(config, output_dir=args.output)
+        if args.coordinator or args.num_processes is not None or args.process_id is not None:
+            given = dict(coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+            config = validate(dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, **given)))
         report = run(config, Path(config.output_dir))
     except MpqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not is_leader():  # process 0 saves, evaluates and reports
+        return 0
     line = f"method={report['method']} bits/weight={report['bits_per_weight']:.3f}"
     if "perplexity" in report:
         line += f" wikitext2 ppl@{report['perplexity']['seq_len']}={report['perplexity']['ppl']:.4f}"
