@@ -93,10 +93,10 @@ def bench_stage(stage: str, model, packed, tokens: np.ndarray, place: parallel.P
     state, frozen, param_bytes, opt_bytes = stages.placed_state(moving, frozen, optimizer, 0, steps, place)
     rope = place.replicated((cos, sin))
     if stage == "block":
-        program = stages.block_step_program(spec, optimizer, state, frozen, place)
+        program = stages.step_program("block", spec, optimizer, state, frozen, place)
         batches = [(frozen, place.batch(x_q), place.batch(target), *rope)]
     else:
-        program = stages.e2e_step_program(spec, optimizer, state, frozen, place)
+        program = stages.step_program("e2e", spec, optimizer, state, frozen, place)
         batches = [(frozen, place.batch(tokens), *rope)]
     state, seconds = time_steps(program, state, batches, steps)
     losses = parallel.to_host(state.losses)

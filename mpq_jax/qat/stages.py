@@ -19,13 +19,14 @@ over `effective_batch / batch_size` passes (optax.MultiSteps), clipped by global
 warmup then cosine. Each block is rematerialised (jax.checkpoint), so the backward pass
 holds one block's activations at a time plus every block's input.
 
-Memory (float32 training; bf = bytes of qat.dtype, P_b = a block's weights, P = the model's,
-N windows of T tokens, D hidden size, L blocks, V vocabulary):
-    stage 1  P_b * (bf + 4 + 8) master/grad/Adam + 3 * N * T * D * 4 (x_fp, x_q, targets)
-             + one batch's block activations
-    stage 2  P * bf (frozen model) + P_t * 16 (trainable set: value, gradient accumulator,
-             Adam moments) + L * B * T * D * bf (block inputs kept for the remat) + one
-             block's activations + B * 256 * V * 4 (the LM head, 256 positions at a time)
+Memory per device: README "Meshes and hosts" (formulas for one device and for a mesh, checked
+against `scripts/bench_scale.py`). In short: stage 1 holds one block's master weights and Adam
+state, the hidden states of the windows on the host; stage 2 the model's codes (uint8) and
+zeros, the trainable set's state, every block's input (remat) and one block's activations.
+
+Meshes (`placement`, mpq_jax.parallel.Placement): both steps are jitted with the partition
+rules' shardings in and out, batches split over the data axis, each process training on its
+share of the windows; without one, everything runs on the default device as before.
 
 Data order: windows in a permutation per epoch drawn from the state's key
 (`mpq_jax.qat.loop.epoch_order`); whole batches only.
@@ -240,7 +241,7 @@ def block_stage(
         state = checkpoints.restore(state) or state
         key = parallel.to_host(state.key)
         x_in = x_q.astype(jnp.dtype(dtype)) if x_q.dtype != jnp.dtype(dtype) else x_q
-        step = block_step_program(spec, optimizer, state, frozen, place)
+        step = step_program("block", spec, optimizer, state, frozen, place)
         rope = place.replicated((cos, sin))
 
         def step_fn(state: TrainState, at: int) -> TrainState:
@@ -264,24 +265,14 @@ def block_stage(
     return {**packed, "layers": layers}, _block_note(notes, spec, start_time, memory)
 
 
-def block_step_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
-    """step(state, frozen, x, target, cos, sin): the jitted stage-1 step for this placement."""
+def step_program(stage: str, spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
+    """The jitted step of `stage` ("block": step(state, frozen, x, target, cos, sin); "e2e":
+    step(state, frozen, tokens, cos, sin)) for this placement."""
+    jitted, loss, n_data = {"block": (_block_step, _block_loss, 2), "e2e": (_e2e_step, _e2e_loss, 1)}[stage]
     if place.mesh is None:
-        return functools.partial(_block_step, spec=spec, optimizer=optimizer)
-    loss = functools.partial(_block_loss, spec=spec)
-    return _sharded_step(
-        loss, ("block", spec), optimizer, place.shardings(state), place.shardings(frozen), place.batch_sharding(), 2, 2, place.mesh
-    )
-
-
-def e2e_step_program(spec: ModelSpec, optimizer, state: TrainState, frozen, place: Placement):
-    """step(state, frozen, tokens, cos, sin): the jitted stage-2 step for this placement."""
-    if place.mesh is None:
-        return functools.partial(_e2e_step, spec=spec, optimizer=optimizer)
-    loss = functools.partial(_e2e_loss, spec=spec)
-    return _sharded_step(
-        loss, ("e2e", spec), optimizer, place.shardings(state), place.shardings(frozen), place.batch_sharding(), 1, 2, place.mesh
-    )
+        return functools.partial(jitted, spec=spec, optimizer=optimizer)
+    shardings = (place.shardings(state), place.shardings(frozen), place.batch_sharding())
+    return _sharded_step(functools.partial(loss, spec=spec), (stage, spec), optimizer, *shardings, n_data, 2, place.mesh)
 
 
 def _release_programs_of(layers: list, index: int) -> None:
@@ -335,7 +326,7 @@ def e2e_stage(
     state = checkpoints.restore(state) or state
     key = parallel.to_host(state.key)
     rope = place.replicated(rope_for(spec, tokens.shape[1]))
-    step = e2e_step_program(spec, optimizer, state, frozen, place)
+    step = step_program("e2e", spec, optimizer, state, frozen, place)
 
     def step_fn(state: TrainState, at: int) -> TrainState:
         batch = batch_indices(key, at, n, cfg.batch_size, share)
