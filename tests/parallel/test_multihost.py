@@ -1,7 +1,9 @@
 """Two local processes with jax.distributed (gloo collectives on CPU, two devices each, a
-(data 2, model 2) mesh): capture and a few steps of each QAT stage agree with one process,
-and a two-process run killed (SIGKILL, both processes) in stage 1 and again in stage 2
-resumes from its sharded checkpoints to exactly the uninterrupted two-process result."""
+(data 2, model 2) mesh): capture and a few steps of each QAT stage agree with one process;
+a two-process run killed (SIGKILL, both processes) in stage 1 and again in stage 2 resumes
+from its sharded checkpoints to exactly the uninterrupted two-process result; and the
+command line run on two processes (GPTQ capture split over them, QAT sharded, process 0
+saving and reporting) matches one process."""
 
 from __future__ import annotations
 
@@ -115,3 +117,85 @@ def test_two_processes_killed_twice_resume_from_sharded_checkpoints(model_dir, u
     assert set(resumed) == set(reference)
     for name in reference:
         np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
+CLI_CONFIG = """\
+model: {model}
+quantization: {{method: gptq, bits: 2, group_size: 16, propagate: fp}}
+calibration: {{sources: [wikipedia, code], n_samples: 8, seq_len: 32}}
+qat:
+  enabled: true
+  seq_len: 32
+  checkpoint_every: 1
+  block: {{samples: 8, epochs: 2, batch_size: 8, lr_weight: 1.0e-3, lr_quant: 1.0e-3}}
+  e2e: {{samples: 8, epochs: 2, batch_size: 8, effective_batch: 8, warmup: 0.0, lr: 1.0e-3}}
+eval:
+  perplexity: {{sets: [wikitext2], max_windows: 1, seq_len: 64}}
+  compare_fp: false
+parallel: {{enabled: {enabled}, data: 2, model: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_quantize_cli_on_two_processes(tmp_path, shared_dir):
+    """The command line as every host of a pod runs it: GPTQ's capture split over both
+    processes' devices, QAT sharded, process 0 alone saving and reporting; the same losses
+    and perplexity as one process on the same statistics."""
+    import json
+
+    from tests.tiny_checkpoints import write_tiny_checkpoint_with_real_tokenizer
+
+    from mpq_jax.quantize import main
+
+    model_dir = tmp_path / "tiny"
+    write_tiny_checkpoint_with_real_tokenizer("llama", model_dir, intermediate_size=128)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPQ_CACHE_DIR": str(cache), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    config = tmp_path / "two.yaml"
+    config.write_text(CLI_CONFIG.format(model=model_dir, enabled="true"))
+    port = str(_free_port())
+    out = tmp_path / "two"
+    processes = []
+    for rank in (0, 1):
+        command = [sys.executable, "-m", "mpq_jax.quantize", "--config", str(config), "--output", str(out),
+                   "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(rank)]
+        log = (tmp_path / f"cli{rank}.log").open("w")
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    for rank, process in enumerate(processes):
+        assert process.wait(timeout=600) == 0, (tmp_path / f"cli{rank}.log").read_text()[-3000:]
+    two = json.loads((out / "report.json").read_text())
+    assert two["qat"]["mesh"] == {"data": 2, "model": 2}
+    assert "report:" in (tmp_path / "cli0.log").read_text() and "report:" not in (tmp_path / "cli1.log").read_text()
+    assert not (out / ".qat").exists() and not (out / ".resume").exists()
+
+    os.environ["MPQ_CACHE_DIR"] = str(cache)  # the same statistics, read from the cache
+    try:
+        alone_config = tmp_path / "one.yaml"
+        alone_config.write_text(CLI_CONFIG.format(model=model_dir, enabled="false"))
+        assert main(["--config", str(alone_config), "--output", str(tmp_path / "one")]) == 0
+    finally:
+        del os.environ["MPQ_CACHE_DIR"]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert [row["gptq_loss"] for row in two["layers"]] == [row["gptq_loss"] for row in one["layers"]]
+    for stage in ("block", "e2e"):
+        for name, curve in one["qat"][stage]["losses"].items():
+            np.testing.assert_allclose(two["qat"][stage]["losses"][name], curve, rtol=2e-5, err_msg=f"{stage} {name}")
+    assert two["perplexity"]["ppl"] == pytest.approx(one["perplexity"]["ppl"], rel=1e-4)
+
+    # The cached statistics came from both processes' devices: compare with one device's.
+    from mpq_jax.capture import HessianCache, fill_hessian_cache
+    from mpq_jax.config import load_config
+    from mpq_jax.models import load_model
+    from mpq_jax.pipeline import calibration_for
+
+    model = load_model(model_dir)
+    calibration = calibration_for(model.tokenizer, load_config(config))
+    (folder,) = [p for p in (cache / "hessians").iterdir() if p.is_dir()]
+    reference = HessianCache(tmp_path / "one_device", "x")
+    fill_hessian_cache(model.params, model.spec, calibration, reference, progress=False)
+    for index in range(model.spec.num_layers):
+        got, want = HessianCache(folder.parent, folder.name).load(index), reference.load(index)
+        for src in want:
+            for name, stats in want[src].items():
+                scale = np.max(np.abs(stats.hessian))
+                np.testing.assert_allclose(got[src][name].hessian, stats.hessian, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{index} {src} {name}")
