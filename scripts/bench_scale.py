@@ -162,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_line(row, reference), flush=True)
             json_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json_path, json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
+    plot(rows, json_path.with_suffix(".png"))
     failures = check_targets(rows)
     print("\n".join(failures) if failures else f"targets held: memory per device <= {TARGET}/N, results equal within float32 rounding")
-    print(f"wrote {json_path}")
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     return 0
 
 
@@ -185,6 +186,37 @@ def _line(row: dict, reference: dict) -> str:
     return (head + f"{row['step_seconds']:7.3f} s/step  params {row['param_bytes_per_device'] / 2**20:8.2f} MiB  "
             f"opt {row['opt_bytes_per_device'] / 2**20:7.2f} MiB  memory x{ratio:.3f} (1/N = {1 / _ways(row):.3f})  "
             f"loss {row['loss']:.6g}  rel diff {row['max_relative_difference']:.1e}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Per-device parameter + optimizer memory against the ways the state is split, both
+    stages, with the 1/N line: the scaling at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mpq_jax.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for stage, markers in (("block", ("o", "x")), ("e2e", ("s", "+"))):
+        stage_rows = [r for r in rows if r["stage"] == stage]
+        base = next(r for r in stage_rows if r["devices"] == 1)
+        for fsdp in (False, True):
+            points = [(_ways(r), _memory(r) / _memory(base)) for r in stage_rows if r["fsdp"] == fsdp]
+            if points:
+                ways, ratio = zip(*points)
+                ax.scatter(ways, ratio, marker=markers[fsdp], s=60, label=f"{stage}{' FSDP' if fsdp else ''}")
+    ways = np.array([1, 2, 4, 8])
+    ax.plot(ways, 1 / ways, "k--", lw=1, label="1/N")
+    ax.plot(ways, TARGET / ways, "k:", lw=1, label=f"target {TARGET}/N")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("N: ways the state is split (model axis; x data with FSDP)")
+    ax.set_ylabel("params + optimizer bytes per device / one device")
+    ax.set_title("QAT state per device on the default model (8 CPU devices)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def check_targets(rows: list[dict]) -> list[str]:
