@@ -17,11 +17,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     ).strip()
 
-# Eight CPU devices for the mesh tests (tests/parallel): one process sees them as
-# jax.devices(); everything else runs on the first, as before. Set before jax starts.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-
 import jax  # noqa: E402  (after the thread settings above)
 import pytest  # noqa: E402
 

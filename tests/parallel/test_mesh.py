@@ -1,4 +1,4 @@
-"""One process, eight CPU devices (tests/conftest.py): partition rules, data-parallel capture
+"""One process, eight CPU devices (run by tests/parallel/test_mesh_devices.py): partition rules, data-parallel capture
 and both QAT stages on 1, 2, 4 and 8 devices in several mesh shapes agree with one device;
 per-device parameter and optimizer memory falls as 1/N on an N-way model axis; sharded
 checkpoints restore into their shardings."""
@@ -18,7 +18,10 @@ from mpq_jax.qat.loop import TrainCheckpoints, batch_indices
 from mpq_jax.qat.trainable import partition, trainable_mask, trainable_params
 from tests.parallel.common import qat_config, tiny_problem, write_checkpoint
 
-pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it)")
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 8,
+    reason="needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/parallel/test_mesh_devices.py does)",
+)
 
 # data x model; batches of 4 windows split over at most 4 data devices
 SHAPES = [(1, 2), (2, 2), (4, 2), (2, 4), (1, 8)]  # the one-device run is the reference
