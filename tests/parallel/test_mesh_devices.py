@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mesh_tests_pass_on_eight_cpu_devices():
-    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    # XLA stops reading XLA_FLAGS at a token that is not a flag, so the count goes first.
+    flags = ("--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")).strip()
     env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests/parallel/test_mesh.py"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
