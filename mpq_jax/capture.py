@@ -100,7 +100,7 @@ def block_statistics(
     the mesh (`_sharded_moments`)."""
     if mesh is not None:
         x = parallel.global_batch(hidden, mesh, parallel.AXES)
-        sums = parallel.to_host(_sharded_moments(_replicate(layer, mesh), x, *rope_for(spec, hidden.shape[1]), spec=spec, mesh=mesh, batch=_device_batch(x, mesh, batch_size)))
+        sums = parallel.to_host(_sharded_moments(parallel.put_replicated(layer, mesh), x, *rope_for(spec, hidden.shape[1]), spec=spec, mesh=mesh, batch=_device_batch(x, mesh, batch_size)))
         tokens = x.shape[0] * x.shape[1]
         return {name: _mean_stats(*sums[name], tokens) for name in LINEAR_INPUTS}
     cos, sin = rope_for(spec, hidden.shape[1])
@@ -112,10 +112,6 @@ def block_statistics(
             sums[name] = _add_moments(sums[name], x)
     tokens = hidden.shape[0] * hidden.shape[1]
     return {name: _mean_stats(*sums[name], tokens) for name in LINEAR_INPUTS}
-
-
-def _replicate(tree, mesh: Mesh):
-    return parallel.put_global(tree, jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), tree))
 
 
 def _device_batch(x: jax.Array, mesh: Mesh, batch_size: int) -> int:
@@ -177,7 +173,7 @@ def block_outputs(layer: dict, spec: ModelSpec, hidden: np.ndarray, batch_size: 
     cos, sin = rope_for(spec, hidden.shape[1])
     if mesh is not None:
         x = parallel.global_batch(hidden, mesh, parallel.AXES)
-        out = _sharded_outputs(_replicate(layer, mesh), x, cos, sin, spec=spec, mesh=mesh, batch=_device_batch(x, mesh, batch_size))
+        out = _sharded_outputs(parallel.put_replicated(layer, mesh), x, cos, sin, spec=spec, mesh=mesh, batch=_device_batch(x, mesh, batch_size))
         return parallel.local_rows(out)
     return np.concatenate([np.asarray(decoder_block(layer, spec, batch, cos, sin)) for batch in _batches(hidden, batch_size)])
 

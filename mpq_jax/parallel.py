@@ -71,15 +71,14 @@ VOCABULARY = frozenset({"embed_tokens", "lm_head"})
 # on the output side (replicated under row parallelism).
 INPUT_SIDE = frozenset({"perm", "input_scale", "lowrank_a"})
 OUTPUT_SIDE = frozenset({"perm", "input_scale", "lowrank_b", "bias"})
-# Environment variables that say a cluster launched several processes: jax.distributed
-# then finds coordinator, count and index itself (TPU pods, SLURM, Open MPI).
-CLUSTER_VARIABLES = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
 
 
 # -- start-up -------------------------------------------------------------------------------
 
 
 def _cluster_detected() -> bool:
+    """Whether a cluster launched several processes (TPU pod, SLURM, Open MPI, or an explicit
+    JAX coordinator): jax.distributed then finds coordinator, count and index itself."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts:
         return True
@@ -200,6 +199,11 @@ def tree_shardings(tree, mesh: Mesh, fsdp: bool = False):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def put_replicated(tree, mesh: Mesh):
+    """`tree` as global arrays replicated on every device of the mesh."""
+    return put_global(tree, jax.tree_util.tree_map(lambda _: replicated(mesh), tree))
 
 
 def put_global(tree, shardings):
@@ -328,4 +332,4 @@ class Placement:
     def replicated(self, tree):
         if self.mesh is None:
             return jax.tree_util.tree_map(jax.numpy.asarray, tree)
-        return put_global(tree, jax.tree_util.tree_map(lambda _: replicated(self.mesh), tree))
+        return put_replicated(tree, self.mesh)
